@@ -1,0 +1,145 @@
+//! The agent's settings: flags and `PORTHOLE_*` variables.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use porthole_protocol::tls::{parse_pin, RelayTrust};
+use porthole_protocol::{Secret, Service};
+
+/// Settings of `porthole-agent run` (the default command).
+#[derive(Clone, Debug, clap::Args)]
+pub struct AgentConfig {
+    /// The relay's agent endpoint, HOST:PORT.
+    #[arg(long, env = "PORTHOLE_RELAY", required = true)]
+    pub relay: Option<String>,
+    /// Join token from the relay's API (keep it out of build logs: prefer the variable).
+    #[arg(long, env = "PORTHOLE_TOKEN", hide_env_values = true, required = true, value_parser = parse_secret)]
+    pub token: Option<Secret>,
+    /// A local service to expose, NAME=HOST:PORT (NAME is ssh or vnc); repeat per service.
+    #[arg(
+        long = "service",
+        env = "PORTHOLE_SERVICES",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub services: Vec<ServiceTarget>,
+    /// Trust relay certificates issued by the CA(s) in this PEM file.
+    #[arg(long, env = "PORTHOLE_CA_CERT", conflicts_with = "pin_sha256")]
+    pub ca_cert: Option<PathBuf>,
+    /// Trust exactly the relay certificate with this SHA-256 fingerprint (printed by the relay).
+    #[arg(long, env = "PORTHOLE_PIN_SHA256")]
+    pub pin_sha256: Option<String>,
+    /// Name to verify the relay certificate against [default: the host of --relay].
+    #[arg(long, env = "PORTHOLE_SERVER_NAME")]
+    pub server_name: Option<String>,
+    /// Where the agent writes its pid, for `porthole-agent finish`.
+    #[arg(long, env = "PORTHOLE_PID_FILE", default_value_os_t = default_pid_file())]
+    pub pid_file: PathBuf,
+    /// Deadline for connecting to the relay or a local service.
+    #[arg(long, env = "PORTHOLE_CONNECT_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub connect_timeout: Duration,
+}
+
+fn parse_secret(s: &str) -> Result<Secret, String> {
+    let s = s.trim();
+    if s.is_empty() || s.len() > porthole_protocol::limits::MAX_SECRET_LEN {
+        return Err("a join token is a non-empty string from the relay's API".into());
+    }
+    Ok(Secret::new(s))
+}
+
+/// Default pid file: `$XDG_RUNTIME_DIR/porthole-agent.pid`, else in the temp dir.
+pub fn default_pid_file() -> PathBuf {
+    std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir)
+        .join("porthole-agent.pid")
+}
+
+/// `NAME=HOST:PORT`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceTarget {
+    /// The service.
+    pub service: Service,
+    /// Where the agent dials it.
+    pub target: String,
+}
+
+impl FromStr for ServiceTarget {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (name, target) = s
+            .split_once('=')
+            .ok_or_else(|| format!("`{s}`: expected NAME=HOST:PORT, e.g. ssh=127.0.0.1:22"))?;
+        let service: Service = name.parse()?;
+        let port_ok = target
+            .rsplit_once(':')
+            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+        if !port_ok {
+            return Err(format!("`{s}`: `{target}` is not HOST:PORT"));
+        }
+        Ok(Self {
+            service,
+            target: target.to_owned(),
+        })
+    }
+}
+
+/// Settings checked and resolved.
+#[derive(Clone, Debug)]
+pub struct Resolved {
+    /// Relay endpoint, HOST:PORT.
+    pub relay: String,
+    /// Name checked against the relay's certificate.
+    pub server_name: String,
+    /// Join token.
+    pub token: Secret,
+    /// Local targets by service.
+    pub services: BTreeMap<Service, String>,
+    /// How the relay is verified.
+    pub trust: RelayTrust,
+    /// Connect deadline.
+    pub connect_timeout: Duration,
+}
+
+impl AgentConfig {
+    /// Checks the settings and resolves defaults.
+    pub fn resolve(&self) -> Result<Resolved, String> {
+        let relay = self.relay.clone().ok_or("--relay HOST:PORT is required")?;
+        let token = self.token.clone().ok_or("--token is required")?;
+        let (host, port) = relay
+            .rsplit_once(':')
+            .ok_or_else(|| format!("--relay `{relay}`: expected HOST:PORT"))?;
+        port.parse::<u16>()
+            .map_err(|_| format!("--relay `{relay}`: `{port}` is not a port"))?;
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let mut services = BTreeMap::new();
+        for s in &self.services {
+            if services.insert(s.service, s.target.clone()).is_some() {
+                return Err(format!("--service {} is given twice", s.service));
+            }
+        }
+        if services.is_empty() {
+            return Err("at least one --service NAME=HOST:PORT is required".into());
+        }
+        let trust = match (&self.ca_cert, &self.pin_sha256) {
+            (Some(ca), None) => RelayTrust::CaFile(ca.clone()),
+            (None, Some(pin)) => RelayTrust::Pin(parse_pin(pin).map_err(|e| e.to_string())?),
+            (None, None) => RelayTrust::SystemRoots,
+            (Some(_), Some(_)) => return Err("use --ca-cert or --pin-sha256, not both".into()),
+        };
+        Ok(Resolved {
+            server_name: self.server_name.clone().unwrap_or(host),
+            relay,
+            token,
+            services,
+            trust,
+            connect_timeout: self.connect_timeout,
+        })
+    }
+}

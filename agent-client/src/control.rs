@@ -1,0 +1,160 @@
+//! One control connection: `hello`, `registered`, then the link loop (heartbeats, `open`,
+//! deadline updates, `finish`) until the link breaks or the session is revoked.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use futures_util::{SinkExt, StreamExt};
+use porthole_protocol::codec::MessageCodec;
+use porthole_protocol::limits::PROTOCOL_VERSION;
+use porthole_protocol::message::HelloAuth;
+use porthole_protocol::{Message, Secret};
+use tokio::sync::{mpsc, watch};
+use tokio_util::codec::Framed;
+
+use crate::error::AgentError;
+use crate::events::AgentEvent;
+use crate::visitor::{self, Open};
+use crate::Context;
+
+/// Open-failed reports queued from visitor tasks to the link.
+const FAILURE_QUEUE: usize = 256;
+
+/// How a registered link ended without error.
+#[derive(Debug)]
+pub enum LinkEnd {
+    /// The session was revoked; the agent is done.
+    Revoked(String),
+    /// The agent is shutting down.
+    Shutdown,
+}
+
+/// What the agent presents next time it connects.
+#[derive(Clone, Debug)]
+pub enum Credentials {
+    /// The join token (until the first registration).
+    Join(Secret),
+    /// Session id and resume secret.
+    Resume(String, Secret),
+}
+
+/// Runs one control connection. `registered_at` is set once registration succeeds (the
+/// caller uses it to reset backoff after a healthy link).
+pub async fn run(
+    ctx: &Arc<Context>,
+    creds: &mut Credentials,
+    finished: &mut watch::Receiver<bool>,
+    registered_at: &mut Option<Instant>,
+) -> Result<LinkEnd, AgentError> {
+    let tls = ctx.dialer.dial().await?;
+    let mut framed = Framed::new(tls, MessageCodec);
+    let auth = match creds.clone() {
+        Credentials::Join(token) => HelloAuth::Join { token },
+        Credentials::Resume(session_id, secret) => HelloAuth::Resume { session_id, secret },
+    };
+    let hello = Message::Hello {
+        protocol_version: PROTOCOL_VERSION,
+        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        auth,
+        services: ctx.config.services.keys().copied().collect(),
+    };
+    framed
+        .send(hello)
+        .await
+        .map_err(|e| AgentError::Unreachable(e.to_string()))?;
+    let answer = tokio::time::timeout(ctx.config.connect_timeout, framed.next()).await;
+    let (session_id, heartbeat) = match answer {
+        Ok(Some(Ok(Message::Registered {
+            session_id,
+            resume_secret,
+            endpoints,
+            deadline_unix_ms,
+            heartbeat_ms,
+            resumed,
+        }))) => {
+            *creds = Credentials::Resume(session_id.clone(), resume_secret);
+            *registered_at = Some(Instant::now());
+            let deadline = from_unix_ms(deadline_unix_ms);
+            ctx.report(AgentEvent::Registered {
+                session_id: session_id.clone(),
+                endpoints,
+                deadline,
+                resumed,
+            });
+            (session_id, Duration::from_millis(heartbeat_ms.max(100)))
+        }
+        Ok(Some(Ok(Message::Error { code, message }))) => {
+            return Err(AgentError::Refused { code, message })
+        }
+        Ok(Some(Ok(other))) => {
+            return Err(AgentError::LinkLost(format!(
+                "relay sent `{}` instead of `registered`",
+                other.kind()
+            )))
+        }
+        Ok(Some(Err(e))) => return Err(AgentError::LinkLost(format!("bad frame from relay: {e}"))),
+        Ok(None) => {
+            return Err(AgentError::LinkLost(
+                "relay closed the connection during registration".into(),
+            ))
+        }
+        Err(_) => {
+            return Err(AgentError::Unreachable(
+                "relay did not answer hello in time".into(),
+            ))
+        }
+    };
+    if *finished.borrow_and_update() {
+        framed
+            .send(Message::Finish)
+            .await
+            .map_err(|e| AgentError::LinkLost(e.to_string()))?;
+    }
+    let (fail_tx, mut fail_rx) = mpsc::channel(FAILURE_QUEUE);
+    let mut ticker = tokio::time::interval(heartbeat);
+    let mut last_heard = Instant::now();
+    let mut seq = 0u64;
+    loop {
+        let sent = tokio::select! {
+            () = ctx.cancel.cancelled() => return Ok(LinkEnd::Shutdown),
+            Ok(()) = finished.changed() => framed.send(Message::Finish).await,
+            Some(msg) = fail_rx.recv() => framed.send(msg).await,
+            _ = ticker.tick() => {
+                if last_heard.elapsed() > heartbeat * 3 {
+                    return Err(AgentError::LinkLost("no frame from the relay for three heartbeat intervals".into()));
+                }
+                seq += 1;
+                framed.send(Message::Ping { seq }).await
+            }
+            frame = framed.next() => {
+                last_heard = Instant::now();
+                match frame {
+                    Some(Ok(Message::Open { conn_id, service, secret })) => {
+                        let open = Open { session_id: session_id.clone(), conn_id, service, secret };
+                        ctx.tasks.spawn(visitor::serve(ctx.clone(), open, fail_tx.clone()));
+                        Ok(())
+                    }
+                    Some(Ok(Message::Ping { seq })) => framed.send(Message::Pong { seq }).await,
+                    Some(Ok(Message::Pong { .. })) => Ok(()),
+                    Some(Ok(Message::Deadline { deadline_unix_ms, .. })) => {
+                        ctx.report(AgentEvent::Deadline { deadline: from_unix_ms(deadline_unix_ms) });
+                        Ok(())
+                    }
+                    Some(Ok(Message::Revoked { reason })) => return Ok(LinkEnd::Revoked(reason)),
+                    Some(Ok(Message::Error { code, message })) => return Err(AgentError::Refused { code, message }),
+                    Some(Ok(other)) => {
+                        tracing::warn!(kind = other.kind(), "ignoring unexpected message from the relay");
+                        Ok(())
+                    }
+                    Some(Err(e)) => return Err(AgentError::LinkLost(format!("bad frame from relay: {e}"))),
+                    None => return Err(AgentError::LinkLost("relay closed the control connection".into())),
+                }
+            }
+        };
+        sent.map_err(|e| AgentError::LinkLost(e.to_string()))?;
+    }
+}
+
+fn from_unix_ms(ms: u64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_millis(ms)
+}

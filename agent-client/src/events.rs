@@ -1,0 +1,51 @@
+//! What the agent tells the person reading the build log. The library reports events; the
+//! binary prints them (no secrets in any of them).
+
+use std::time::SystemTime;
+
+use porthole_protocol::Endpoint;
+
+/// Something worth telling the build log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AgentEvent {
+    /// Registered (or resumed) with the relay.
+    Registered {
+        /// Session id.
+        session_id: String,
+        /// Public endpoints.
+        endpoints: Vec<Endpoint>,
+        /// Current deadline.
+        deadline: SystemTime,
+        /// A resume after a lost link.
+        resumed: bool,
+    },
+    /// The deadline changed (the build finished).
+    Deadline {
+        /// New deadline.
+        deadline: SystemTime,
+    },
+    /// The link is down; the agent retries.
+    Reconnecting {
+        /// Why.
+        error: String,
+        /// Delay before the next attempt, milliseconds.
+        retry_in_ms: u64,
+    },
+    /// The session is over.
+    Revoked {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Receives agent events.
+pub trait Reporter: Send + Sync {
+    /// Called for every event, in order.
+    fn report(&self, event: &AgentEvent);
+}
+
+impl<F: Fn(&AgentEvent) + Send + Sync> Reporter for F {
+    fn report(&self, event: &AgentEvent) {
+        self(event)
+    }
+}

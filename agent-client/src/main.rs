@@ -1,0 +1,162 @@
+//! `porthole-agent`: parses flags, sets up logging and signals, runs the agent.
+//!
+//! `porthole-agent [run] --relay HOST:PORT --token T --service ssh=127.0.0.1:22` serves the
+//! session; `porthole-agent finish` (or SIGUSR1 to the agent) tells the relay the build
+//! finished, which starts the grace period.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::SystemTime;
+
+use clap::{Parser, Subcommand};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use porthole_agent::{run, AgentConfig, AgentEvent, Outcome};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+/// Porthole agent: gives a CI build machine's SSH/VNC a public port on a Porthole relay.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None, args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: AgentConfig,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the session (the default).
+    Run(AgentConfig),
+    /// Tell the running agent that the build finished (sends it SIGUSR1).
+    Finish {
+        /// The running agent's pid file.
+        #[arg(long, env = "PORTHOLE_PID_FILE", default_value_os_t = porthole_agent::config::default_pid_file())]
+        pid_file: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Some(Command::Finish { pid_file }) => finish(&pid_file),
+        Some(Command::Run(config)) => serve(config),
+        None => serve(cli.run),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("porthole-agent: error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn finish(pid_file: &Path) -> Result<(), String> {
+    let text = std::fs::read_to_string(pid_file).map_err(|e| {
+        format!(
+            "cannot read {}: {e} (is porthole-agent running? pass --pid-file)",
+            pid_file.display()
+        )
+    })?;
+    let pid: i32 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("{} does not hold a pid", pid_file.display()))?;
+    kill(Pid::from_raw(pid), Signal::SIGUSR1)
+        .map_err(|e| format!("cannot signal porthole-agent (pid {pid}): {e}"))?;
+    println!("porthole-agent: told the agent (pid {pid}) that the build finished; the grace period starts");
+    Ok(())
+}
+
+fn serve(config: AgentConfig) -> Result<(), String> {
+    let resolved = config.resolve()?;
+    let runtime =
+        tokio::runtime::Runtime::new().map_err(|e| format!("cannot start the runtime: {e}"))?;
+    std::fs::write(&config.pid_file, format!("{}\n", std::process::id()))
+        .map_err(|e| format!("cannot write {}: {e}", config.pid_file.display()))?;
+    let outcome = runtime.block_on(async {
+        let (finish_tx, finish_rx) = tokio::sync::watch::channel(false);
+        let cancel = CancellationToken::new();
+        let mut usr1 = signal(SignalKind::user_defined1()).map_err(|e| e.to_string())?;
+        let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
+        let stop = cancel.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = usr1.recv() => { let _ = finish_tx.send(true); }
+                    _ = term.recv() => { stop.cancel(); break; }
+                    _ = tokio::signal::ctrl_c() => { stop.cancel(); break; }
+                }
+            }
+        });
+        run(resolved, Box::new(print_event), finish_rx, cancel)
+            .await
+            .map_err(|e| e.to_string())
+    });
+    let _ = std::fs::remove_file(&config.pid_file);
+    match outcome? {
+        Outcome::Revoked(reason) => println!("porthole-agent: session ended: {reason}"),
+        Outcome::Shutdown => println!("porthole-agent: stopped"),
+    }
+    Ok(())
+}
+
+fn time(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// Prints events for the build log. Never prints a token or password.
+fn print_event(event: &AgentEvent) {
+    match event {
+        AgentEvent::Registered {
+            session_id,
+            endpoints,
+            deadline,
+            resumed,
+        } => {
+            if *resumed {
+                println!("porthole-agent: resumed session {session_id}");
+                return;
+            }
+            println!(
+                "porthole-agent: remote access session {session_id} is open until {}",
+                time(*deadline)
+            );
+            for e in endpoints {
+                match e.service {
+                    porthole_protocol::Service::Ssh => {
+                        println!(
+                            "  ssh  {}:{}  (ssh -p {} <user>@{})",
+                            e.host, e.port, e.port, e.host
+                        )
+                    }
+                    porthole_protocol::Service::Vnc => {
+                        println!("  vnc  {}:{}  (VNC viewer address)", e.host, e.port)
+                    }
+                }
+            }
+        }
+        AgentEvent::Deadline { deadline } => {
+            println!(
+                "porthole-agent: build finished; remote access ends at {}",
+                time(*deadline)
+            )
+        }
+        AgentEvent::Reconnecting { error, retry_in_ms } => {
+            println!(
+                "porthole-agent: {error}; reconnecting in {:.1}s",
+                *retry_in_ms as f64 / 1000.0
+            )
+        }
+        AgentEvent::Revoked { .. } => {}
+    }
+}

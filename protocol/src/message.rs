@@ -1,0 +1,223 @@
+//! Control messages. Every message is one frame (see [`crate::frame`]); JSON tagged by
+//! `"type"`. Unknown fields are ignored so a newer peer can add optional fields without a
+//! version bump; a change of meaning bumps [`crate::limits::PROTOCOL_VERSION`].
+
+use serde::{Deserialize, Serialize};
+
+use crate::secret::Secret;
+
+/// A service a build machine exposes through the relay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Service {
+    /// OpenSSH (or the agent's embedded SSH server).
+    Ssh,
+    /// VNC screen sharing (macOS build machines).
+    Vnc,
+}
+
+impl Service {
+    /// Every service, in display order.
+    pub const ALL: [Service; 2] = [Service::Ssh, Service::Vnc];
+
+    /// The lowercase name used in flags, JSON and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Service::Ssh => "ssh",
+            Service::Vnc => "vnc",
+        }
+    }
+}
+
+impl std::fmt::Display for Service {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Service {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "ssh" => Ok(Service::Ssh),
+            "vnc" => Ok(Service::Vnc),
+            other => Err(format!(
+                "unknown service `{other}`: expected `ssh` or `vnc`"
+            )),
+        }
+    }
+}
+
+/// Where users reach one service of a session.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Endpoint {
+    /// The service behind this port.
+    pub service: Service,
+    /// Public host name users connect to.
+    pub host: String,
+    /// Public TCP port on the relay.
+    pub port: u16,
+}
+
+/// How an agent proves which session its control connection belongs to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum HelloAuth {
+    /// First connection of a session: the single-use join token the CI backend got from the
+    /// relay's API.
+    Join {
+        /// The join token.
+        token: Secret,
+    },
+    /// Reconnection after a lost link: the session id and resume secret from `registered`.
+    Resume {
+        /// Session to resume.
+        session_id: String,
+        /// Resume secret the relay gave in `registered`.
+        secret: Secret,
+    },
+}
+
+/// Why the relay refused something. Unknown codes from a newer relay decode as
+/// [`ErrorCode::Other`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The peers speak different protocol versions.
+    VersionMismatch,
+    /// The join token or resume secret is not known to the relay.
+    BadToken,
+    /// The join token was already used; a reconnecting agent must resume instead.
+    TokenUsed,
+    /// The session was revoked (deadline, join TTL, API); nothing can join or resume it.
+    SessionRevoked,
+    /// The session already has a connected agent; a second one is refused.
+    SessionBusy,
+    /// The services offered do not match the session's.
+    ServiceMismatch,
+    /// A frame could not be decoded.
+    BadFrame,
+    /// A frame was larger than the limit.
+    FrameTooLarge,
+    /// A well-formed message arrived where it is not allowed.
+    UnexpectedMessage,
+    /// An `attach` named no pending visitor connection, or its secret was wrong.
+    BadAttach,
+    /// The peer took too long.
+    Timeout,
+    /// The relay is shutting down; reconnect shortly.
+    ShuttingDown,
+    /// A fault on the relay's side.
+    Internal,
+    /// A code this build does not know.
+    #[serde(other)]
+    Other,
+}
+
+/// One control message.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Message {
+    /// Agent → relay, first frame of a control connection.
+    Hello {
+        /// [`crate::limits::PROTOCOL_VERSION`] of the agent.
+        protocol_version: u32,
+        /// The agent's release, for logs and error messages.
+        agent_version: String,
+        /// Join token or resume secret.
+        auth: HelloAuth,
+        /// Services the agent can reach on the build machine.
+        services: Vec<Service>,
+    },
+    /// Relay → agent: the control connection is registered.
+    Registered {
+        /// The session this agent serves.
+        session_id: String,
+        /// Secret to resume the session after a lost link.
+        resume_secret: Secret,
+        /// Public endpoints, one per service.
+        endpoints: Vec<Endpoint>,
+        /// Current deadline, Unix milliseconds.
+        deadline_unix_ms: u64,
+        /// Interval at which both sides send `ping`; a link silent for three intervals is
+        /// dead.
+        heartbeat_ms: u64,
+        /// `true` when this resumed an existing registration.
+        resumed: bool,
+    },
+    /// Either way: a typed refusal; the sender closes the connection after it.
+    Error {
+        /// What went wrong, for programs.
+        code: ErrorCode,
+        /// What went wrong and what to do, for people.
+        message: String,
+    },
+    /// Relay → agent: a visitor connected; dial `service` and attach a data connection.
+    Open {
+        /// Connection id, unique within the session.
+        conn_id: u64,
+        /// Which local service to dial.
+        service: Service,
+        /// One-time secret the data connection presents in `attach`.
+        secret: Secret,
+    },
+    /// Agent → relay: the local service could not be reached; close the visitor.
+    OpenFailed {
+        /// Connection id from `open`.
+        conn_id: u64,
+        /// Why, for the relay's log.
+        reason: String,
+    },
+    /// Agent → relay, first frame of a data connection; raw bytes follow.
+    Attach {
+        /// Session the visitor belongs to.
+        session_id: String,
+        /// Connection id from `open`.
+        conn_id: u64,
+        /// The one-time secret from `open`.
+        secret: Secret,
+    },
+    /// Either way: heartbeat request.
+    Ping {
+        /// Echoed in `pong`.
+        seq: u64,
+    },
+    /// Either way: heartbeat answer.
+    Pong {
+        /// The `seq` of the `ping` answered.
+        seq: u64,
+    },
+    /// Agent → relay: the build finished; the grace period starts.
+    Finish,
+    /// Relay → agent: the session's deadline changed.
+    Deadline {
+        /// New deadline, Unix milliseconds.
+        deadline_unix_ms: u64,
+        /// `true` once the build finished and only the grace period remains.
+        finishing: bool,
+    },
+    /// Relay → agent: the session is over; the agent exits.
+    Revoked {
+        /// Why, for people.
+        reason: String,
+    },
+}
+
+impl Message {
+    /// The message's `type` tag, for logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Hello { .. } => "hello",
+            Message::Registered { .. } => "registered",
+            Message::Error { .. } => "error",
+            Message::Open { .. } => "open",
+            Message::OpenFailed { .. } => "open_failed",
+            Message::Attach { .. } => "attach",
+            Message::Ping { .. } => "ping",
+            Message::Pong { .. } => "pong",
+            Message::Finish => "finish",
+            Message::Deadline { .. } => "deadline",
+            Message::Revoked { .. } => "revoked",
+        }
+    }
+}

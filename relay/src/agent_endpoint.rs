@@ -1,0 +1,130 @@
+//! The agent endpoint: TLS 1.3 accept, then the first frame decides what the connection is
+//! (`hello`: control connection; `attach`: data connection for one visitor).
+//!
+//! A permit is taken before accept and held through the TLS handshake and first frame, which
+//! run in the connection's own task under one deadline, never in the accept loop.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use futures_util::{SinkExt, StreamExt};
+use porthole_protocol::codec::MessageCodec;
+use porthole_protocol::{ErrorCode, FrameError, Message};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::codec::Framed;
+use tracing::Instrument;
+
+use crate::limits::{ACCEPT_ERROR_BACKOFF, FAREWELL_TIMEOUT};
+use crate::shared::Relay;
+use crate::{attach, control};
+
+/// A framed agent connection.
+pub type AgentFramed = Framed<tokio_rustls::server::TlsStream<TcpStream>, MessageCodec>;
+
+/// Accepts agent connections until shutdown.
+pub async fn serve(relay: Arc<Relay>, listener: TcpListener, acceptor: TlsAcceptor) {
+    let permits = Arc::new(Semaphore::new(relay.config.max_pending_handshakes));
+    loop {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            () = relay.cancel.cancelled() => break,
+        };
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "agent endpoint accept failed; backing off");
+                    tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+                    continue;
+                }
+            },
+            () = relay.cancel.cancelled() => break,
+        };
+        let span = tracing::info_span!("agent_conn", %peer);
+        relay
+            .tasks
+            .spawn(handle(relay.clone(), acceptor.clone(), tcp, peer, permit).instrument(span));
+    }
+}
+
+async fn handle(
+    relay: Arc<Relay>,
+    acceptor: TlsAcceptor,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    permit: OwnedSemaphorePermit,
+) {
+    let _ = tcp.set_nodelay(true);
+    let handshake = async {
+        let tls = acceptor.accept(tcp).await?;
+        let mut framed = Framed::new(tls, MessageCodec);
+        let first = framed.next().await;
+        Ok::<_, std::io::Error>((framed, first))
+    };
+    let outcome = tokio::time::timeout(relay.config.handshake_timeout, handshake).await;
+    drop(permit);
+    let (mut framed, first) = match outcome {
+        Ok(Ok(got)) => got,
+        Ok(Err(e)) => {
+            tracing::info!(error = %e, "agent connection refused: TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::info!(
+                "agent connection closed: no TLS handshake and first frame within {:?}",
+                relay.config.handshake_timeout
+            );
+            return;
+        }
+    };
+    match first {
+        Some(Ok(Message::Hello {
+            protocol_version,
+            agent_version,
+            auth,
+            services,
+        })) => {
+            let hello = control::Hello {
+                protocol_version,
+                agent_version,
+                auth,
+                services,
+            };
+            control::run(relay, framed, hello, peer).await;
+        }
+        Some(Ok(Message::Attach {
+            session_id,
+            conn_id,
+            secret,
+        })) => {
+            attach::run(&relay, framed, &session_id, conn_id, &secret).await;
+        }
+        Some(Ok(other)) => {
+            let msg = format!(
+                "first frame must be `hello` or `attach`, got `{}`",
+                other.kind()
+            );
+            refuse(&mut framed, ErrorCode::UnexpectedMessage, msg).await;
+        }
+        Some(Err(e)) => {
+            let code = match e {
+                FrameError::TooLarge { .. } => ErrorCode::FrameTooLarge,
+                _ => ErrorCode::BadFrame,
+            };
+            refuse(&mut framed, code, format!("first frame refused: {e}")).await;
+        }
+        None => tracing::debug!("agent connection closed before its first frame"),
+    }
+}
+
+/// Sends a typed error, logs it, and closes the connection.
+pub async fn refuse(framed: &mut AgentFramed, code: ErrorCode, message: String) {
+    tracing::warn!(?code, "agent connection refused: {message}");
+    let farewell = async {
+        let _ = framed.send(Message::Error { code, message }).await;
+        let _ = framed.close().await;
+    };
+    let _ = tokio::time::timeout(FAREWELL_TIMEOUT, farewell).await;
+}

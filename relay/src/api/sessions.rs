@@ -1,0 +1,232 @@
+//! Session routes: `POST /v1/sessions`, `GET /v1/sessions[/{id}]`,
+//! `POST /v1/sessions/{id}/finish`, `DELETE /v1/sessions/{id}`.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+use porthole_protocol::{Endpoint, Service};
+use serde::{Deserialize, Serialize};
+
+use super::error::ApiError;
+use crate::lifecycle::{RevokeReason, SessionState};
+use crate::limits::{MAX_ID_LEN, MAX_SESSION_LIFETIME};
+use crate::registry::NewSession;
+use crate::session::Session;
+use crate::shared::Relay;
+
+/// Body of `POST /v1/sessions`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateRequest {
+    /// The CI build.
+    pub build_id: String,
+    /// The CI app.
+    pub app_id: String,
+    /// `["ssh"]` or `["ssh", "vnc"]`.
+    pub services: Vec<Service>,
+    /// Grace after finish, seconds.
+    #[serde(default = "default_grace")]
+    pub grace_secs: u64,
+    /// Hard cap, seconds.
+    #[serde(default = "default_max_lifetime")]
+    pub max_lifetime_secs: u64,
+}
+
+fn default_grace() -> u64 {
+    600
+}
+
+fn default_max_lifetime() -> u64 {
+    10_800
+}
+
+/// Answer of `POST /v1/sessions`.
+#[derive(Debug, Serialize)]
+pub struct Created {
+    /// The new session.
+    pub session_id: String,
+    /// Single-use token for the agent (shown once).
+    pub join_token: String,
+    /// The hard cap: the session ends by then whatever happens.
+    pub expires_at: String,
+    /// Latest time the agent may join.
+    pub join_by: String,
+    /// Public endpoints, one per service.
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// A session as the API shows it.
+#[derive(Debug, Serialize)]
+pub struct SessionView {
+    /// Id.
+    pub session_id: String,
+    /// The CI build.
+    pub build_id: String,
+    /// The CI app.
+    pub app_id: String,
+    /// Current state.
+    pub state: SessionState,
+    /// Public endpoints.
+    pub endpoints: Vec<Endpoint>,
+    /// The deadline that applies now (the revocation time once revoked).
+    pub deadline: String,
+    /// The hard cap.
+    pub expires_at: String,
+    /// Creation time.
+    pub created_at: String,
+    /// Why it was revoked, once it was.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub revoke_reason: Option<RevokeReason>,
+}
+
+/// RFC 3339 with milliseconds, UTC.
+pub fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+impl SessionView {
+    fn of(s: &Session) -> Self {
+        let inner = s.lock();
+        let life = &inner.life;
+        let deadline = life
+            .revoked
+            .map(|(_, at)| at)
+            .unwrap_or_else(|| life.deadline().0);
+        Self {
+            session_id: s.id.clone(),
+            build_id: s.build_id.clone(),
+            app_id: s.app_id.clone(),
+            state: life.state(),
+            endpoints: s.endpoints.clone(),
+            deadline: rfc3339(deadline),
+            expires_at: rfc3339(life.hard_cap),
+            created_at: rfc3339(life.created_at),
+            revoke_reason: life.revoked.map(|(r, _)| r),
+        }
+    }
+}
+
+fn parse_create(body: &[u8]) -> Result<NewSession, ApiError> {
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    let req: CreateRequest = serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        if path == "." {
+            ApiError::bad_request(format!("invalid request body: {}", e.inner()))
+        } else {
+            ApiError::bad_request(format!("invalid field `{path}`: {}", e.inner()))
+        }
+    })?;
+    for (field, value) in [("build_id", &req.build_id), ("app_id", &req.app_id)] {
+        if value.is_empty() || value.len() > MAX_ID_LEN || value.chars().any(char::is_control) {
+            return Err(ApiError::bad_request(format!(
+                "invalid field `{field}`: must be 1 to {MAX_ID_LEN} printable characters"
+            )));
+        }
+    }
+    if req.services.is_empty() {
+        return Err(ApiError::bad_request(
+            "invalid field `services`: name at least one service (`ssh`, `vnc`)",
+        ));
+    }
+    if req.services.iter().collect::<HashSet<_>>().len() != req.services.len() {
+        return Err(ApiError::bad_request(
+            "invalid field `services`: a service is listed twice",
+        ));
+    }
+    let max_lifetime = Duration::from_secs(req.max_lifetime_secs);
+    if max_lifetime.is_zero() || max_lifetime > MAX_SESSION_LIFETIME {
+        return Err(ApiError::bad_request(format!(
+            "invalid field `max_lifetime_secs`: must be between 1 and {}",
+            MAX_SESSION_LIFETIME.as_secs()
+        )));
+    }
+    if req.grace_secs > MAX_SESSION_LIFETIME.as_secs() {
+        return Err(ApiError::bad_request(format!(
+            "invalid field `grace_secs`: must be at most {}",
+            MAX_SESSION_LIFETIME.as_secs()
+        )));
+    }
+    Ok(NewSession {
+        build_id: req.build_id,
+        app_id: req.app_id,
+        services: req.services,
+        grace: Duration::from_secs(req.grace_secs),
+        max_lifetime,
+    })
+}
+
+fn find(relay: &Relay, id: &str) -> Result<Arc<Session>, ApiError> {
+    relay
+        .sessions
+        .get(id)
+        .map(|s| s.value().clone())
+        .ok_or_else(|| {
+            ApiError::not_found(format!(
+                "no session `{id}` (revoked sessions are forgotten after their retention)"
+            ))
+        })
+}
+
+/// `POST /v1/sessions`.
+pub async fn create(
+    State(relay): State<Arc<Relay>>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<Created>), ApiError> {
+    let req = parse_create(&body)?;
+    let (session, join_token) = relay.create_session(req)?;
+    let (hard_cap, join_by) = {
+        let inner = session.lock();
+        (inner.life.hard_cap, inner.life.join_by)
+    };
+    let created = Created {
+        session_id: session.id.clone(),
+        join_token: join_token.expose().to_owned(),
+        expires_at: rfc3339(hard_cap),
+        join_by: rfc3339(join_by),
+        endpoints: session.endpoints.clone(),
+    };
+    Ok((StatusCode::CREATED, Json(created)))
+}
+
+/// `GET /v1/sessions/{id}`.
+pub async fn get(
+    State(relay): State<Arc<Relay>>,
+    Path(id): Path<String>,
+) -> Result<Json<SessionView>, ApiError> {
+    let session = find(&relay, &id)?;
+    Ok(Json(SessionView::of(&session)))
+}
+
+/// `GET /v1/sessions`.
+pub async fn list(State(relay): State<Arc<Relay>>) -> Json<serde_json::Value> {
+    let mut sessions: Vec<Arc<Session>> =
+        relay.sessions.iter().map(|e| e.value().clone()).collect();
+    sessions.sort_by_key(|s| s.lock().life.created_at);
+    let views: Vec<SessionView> = sessions.iter().map(|s| SessionView::of(s)).collect();
+    Json(serde_json::json!({ "sessions": views }))
+}
+
+/// `POST /v1/sessions/{id}/finish`: the build finished; the grace period starts.
+pub async fn finish(
+    State(relay): State<Arc<Relay>>,
+    Path(id): Path<String>,
+) -> Result<Json<SessionView>, ApiError> {
+    let session = find(&relay, &id)?;
+    relay.finish(&session);
+    Ok(Json(SessionView::of(&session)))
+}
+
+/// `DELETE /v1/sessions/{id}`: revoke now.
+pub async fn revoke(
+    State(relay): State<Arc<Relay>>,
+    Path(id): Path<String>,
+) -> Result<Json<SessionView>, ApiError> {
+    let session = find(&relay, &id)?;
+    relay.revoke(&session, RevokeReason::Deleted);
+    Ok(Json(SessionView::of(&session)))
+}

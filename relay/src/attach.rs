@@ -1,0 +1,41 @@
+//! Data connections: an `attach` frame hands the connection to the visitor waiting for it,
+//! with any bytes already read past the frame.
+
+use porthole_protocol::{ErrorCode, Secret};
+
+use crate::agent_endpoint::{refuse, AgentFramed};
+use crate::session::DataConn;
+use crate::shared::Relay;
+
+/// Pairs a data connection with its waiting visitor, or refuses it.
+pub async fn run(
+    relay: &Relay,
+    mut framed: AgentFramed,
+    session_id: &str,
+    conn_id: u64,
+    secret: &Secret,
+) {
+    let waiting = relay
+        .sessions
+        .get(session_id)
+        .and_then(|s| s.value().take_open(conn_id, secret));
+    let Some(tx) = waiting else {
+        let msg = format!("attach refused: session `{session_id}` has no visitor {conn_id} waiting with that secret");
+        refuse(&mut framed, ErrorCode::BadAttach, msg).await;
+        return;
+    };
+    let parts = framed.into_parts();
+    if tx
+        .send(DataConn {
+            stream: parts.io,
+            prefix: parts.read_buf,
+        })
+        .is_err()
+    {
+        tracing::debug!(
+            session_id,
+            conn_id,
+            "visitor left before the data connection arrived"
+        );
+    }
+}

@@ -1,0 +1,128 @@
+//! A control connection after its `hello`: register (join or resume), then serve the link:
+//! queued messages to the agent, heartbeats both ways, `finish` and `open_failed` from the
+//! agent, and a `revoked` farewell when the session ends.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use futures_util::{SinkExt, StreamExt};
+use porthole_protocol::limits::PROTOCOL_VERSION;
+use porthole_protocol::message::HelloAuth;
+use porthole_protocol::{ErrorCode, Message, Service};
+
+use crate::agent_endpoint::{refuse, AgentFramed};
+use crate::limits::FAREWELL_TIMEOUT;
+use crate::registry::{unix_ms, Registration};
+use crate::shared::Relay;
+
+/// The fields of a `hello`.
+#[derive(Debug)]
+pub struct Hello {
+    /// The agent's protocol version.
+    pub protocol_version: u32,
+    /// The agent's release.
+    pub agent_version: String,
+    /// Join token or resume secret.
+    pub auth: HelloAuth,
+    /// Services offered.
+    pub services: Vec<Service>,
+}
+
+/// Registers the agent and serves its link until it ends.
+pub async fn run(relay: Arc<Relay>, mut framed: AgentFramed, hello: Hello, peer: SocketAddr) {
+    if hello.protocol_version != PROTOCOL_VERSION {
+        let msg = format!(
+            "porthole-agent {} speaks protocol {}, this relay (porthole-relay {}) speaks protocol {}: install the porthole-agent release that matches the relay",
+            hello.agent_version, hello.protocol_version, env!("CARGO_PKG_VERSION"), PROTOCOL_VERSION
+        );
+        return refuse(&mut framed, ErrorCode::VersionMismatch, msg).await;
+    }
+    let registered = match &hello.auth {
+        HelloAuth::Join { token } => relay.join(token, &hello.services),
+        HelloAuth::Resume { session_id, secret } => {
+            relay.resume(session_id, secret, &hello.services)
+        }
+    };
+    let reg = match registered {
+        Ok(reg) => reg,
+        Err((code, msg)) => return refuse(&mut framed, code, msg).await,
+    };
+    let session_id = reg.session.id.clone();
+    tracing::info!(%session_id, %peer, agent_version = %hello.agent_version, resumed = reg.resumed,
+        "agent {}", if reg.resumed { "resumed" } else { "joined" });
+    serve(&relay, framed, reg).await;
+}
+
+async fn serve(relay: &Relay, mut framed: AgentFramed, mut reg: Registration) {
+    let session = reg.session.clone();
+    let deadline = session.lock().life.deadline().0;
+    let registered = Message::Registered {
+        session_id: session.id.clone(),
+        resume_secret: reg.resume_secret.clone(),
+        endpoints: session.endpoints.clone(),
+        deadline_unix_ms: unix_ms(deadline),
+        heartbeat_ms: relay.config.heartbeat_interval.as_millis() as u64,
+        resumed: reg.resumed,
+    };
+    let interval = relay.config.heartbeat_interval;
+    let mut ticker = tokio::time::interval(interval);
+    let mut last_heard = Instant::now();
+    let mut seq = 0u64;
+    let mut result = framed.send(registered).await;
+    while result.is_ok() {
+        tokio::select! {
+            () = reg.link.cancel.cancelled() => break,
+            Some(msg) = reg.rx.recv() => result = framed.send(msg).await,
+            _ = ticker.tick() => {
+                if last_heard.elapsed() > interval * 3 {
+                    tracing::warn!(session_id = %session.id, "agent link dead: no frame for three heartbeat intervals");
+                    break;
+                }
+                seq += 1;
+                result = framed.send(Message::Ping { seq }).await;
+            }
+            frame = framed.next() => {
+                last_heard = Instant::now();
+                match frame {
+                    Some(Ok(Message::Ping { seq })) => result = framed.send(Message::Pong { seq }).await,
+                    Some(Ok(Message::Pong { .. })) => {}
+                    Some(Ok(Message::Finish)) => relay.finish(&session),
+                    Some(Ok(Message::OpenFailed { conn_id, reason })) => {
+                        tracing::info!(session_id = %session.id, conn_id, %reason, "agent could not reach the local service");
+                        session.cancel_open(conn_id);
+                    }
+                    Some(Ok(other)) => {
+                        let msg = format!("`{}` is not allowed on a control connection", other.kind());
+                        refuse(&mut framed, ErrorCode::UnexpectedMessage, msg).await;
+                        break;
+                    }
+                    Some(Err(e)) => {
+                        refuse(&mut framed, ErrorCode::BadFrame, format!("control frame refused: {e}")).await;
+                        break;
+                    }
+                    None => {
+                        tracing::info!(session_id = %session.id, "agent closed its control connection");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    if let Err(e) = result {
+        tracing::info!(session_id = %session.id, error = %e, "agent link failed");
+    }
+    let revoked = session.lock().life.revoked;
+    if let Some((reason, _)) = revoked {
+        let farewell = async {
+            let _ = framed
+                .send(Message::Revoked {
+                    reason: reason.describe().to_owned(),
+                })
+                .await;
+            let _ = framed.close().await;
+        };
+        let _ = tokio::time::timeout(FAREWELL_TIMEOUT, farewell).await;
+    }
+    session.link_lost(reg.link.id, SystemTime::now());
+}

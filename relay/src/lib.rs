@@ -1,0 +1,146 @@
+//! `porthole-relay`: the public edge of Porthole. Agents on CI build machines dial in over
+//! TLS; the relay gives each session a public port per service, forwards visitors to the
+//! agent, and revokes everything at the session's deadline.
+//!
+//! # Layout
+//! - [`config`]: every setting, one serde struct that clap also parses.
+//! - [`error`]: [`RelayError`].
+//! - [`limits`]: internal constants that are not settings.
+//! - [`bootstrap`]: the data dir on start: TLS certificate (generated if absent), admin token.
+//! - [`shared`]: [`Relay`], the state all tasks share.
+//! - [`lifecycle`]: the pure session state machine and deadlines.
+//! - [`session`]: one session: facts, lifecycle, agent link, visitors awaiting data.
+//! - [`registry`]: create / join / resume / finish / revoke.
+//! - [`supervisor`]: the per-session task that enforces deadlines.
+//! - [`ports`]: the public port pool with cooldown.
+//! - [`public`]: public listeners and visitor forwarding.
+//! - [`agent_endpoint`]: TLS accept and first-frame dispatch for agent connections.
+//! - [`control`]: a registered agent's control link (heartbeats, finish, open/attach flow).
+//! - [`attach`]: pairing data connections with waiting visitors.
+//! - [`api`]: the HTTP/JSON API.
+//!
+//! [`start`] binds everything and returns a [`RelayHandle`]; `main.rs` only parses flags.
+
+pub mod agent_endpoint;
+pub mod api;
+pub mod attach;
+pub mod bootstrap;
+pub mod config;
+pub mod control;
+pub mod error;
+pub mod lifecycle;
+pub mod limits;
+pub mod ports;
+pub mod public;
+pub mod registry;
+pub mod session;
+pub mod shared;
+pub mod supervisor;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use config::RelayConfig;
+pub use error::RelayError;
+use porthole_protocol::Secret;
+pub use shared::Relay;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+/// What an operator needs to know after start.
+#[derive(Debug)]
+pub struct StartupInfo {
+    /// Bound agent endpoint.
+    pub agent_addr: SocketAddr,
+    /// Bound API address.
+    pub api_addr: SocketAddr,
+    /// Host name in endpoints.
+    pub public_host: String,
+    /// The TLS certificate file.
+    pub cert_path: PathBuf,
+    /// Generated during this start.
+    pub cert_generated: bool,
+    /// The relay's own self-signed certificate (agents must pin it).
+    pub self_signed: bool,
+    /// SHA-256 of the certificate, hex.
+    pub fingerprint: String,
+    /// The admin token file.
+    pub admin_token_path: PathBuf,
+    /// Created during this start.
+    pub admin_token_created: bool,
+}
+
+/// A running relay.
+#[derive(Debug)]
+pub struct RelayHandle {
+    /// Start-up facts.
+    pub info: StartupInfo,
+    /// The shared state (tests and tools inspect it).
+    pub relay: Arc<Relay>,
+}
+
+impl RelayHandle {
+    /// The admin API token.
+    pub fn admin_token(&self) -> &Secret {
+        &self.relay.admin_token
+    }
+
+    /// Stops accepting, closes every connection, and waits up to `grace` for tasks to end.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.relay.cancel.cancel();
+        self.relay.tasks.close();
+        let _ = tokio::time::timeout(grace, self.relay.tasks.wait()).await;
+    }
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, RelayError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| RelayError::Bind { addr, source })
+}
+
+/// Prepares the data dir, binds the agent endpoint and the API, and starts serving.
+pub async fn start(config: RelayConfig) -> Result<RelayHandle, RelayError> {
+    config.validate().map_err(RelayError::Config)?;
+    let public_host = config.public_host();
+    let boot = bootstrap::prepare(&config, &public_host)?;
+    let agent_listener = bind(config.agent_listen).await?;
+    let api_listener = bind(config.api_listen).await?;
+    let local = |l: &TcpListener, addr| {
+        l.local_addr()
+            .map_err(|source| RelayError::Bind { addr, source })
+    };
+    let agent_addr = local(&agent_listener, config.agent_listen)?;
+    let api_addr = local(&api_listener, config.api_listen)?;
+    let relay = Arc::new(Relay::new(config, boot.admin_token));
+    let acceptor = TlsAcceptor::from(boot.tls);
+    relay.tasks.spawn(agent_endpoint::serve(
+        relay.clone(),
+        agent_listener,
+        acceptor,
+    ));
+    let app = api::router(relay.clone());
+    let cancel = relay.cancel.clone();
+    relay.tasks.spawn(async move {
+        let served = axum::serve(api_listener, app)
+            .with_graceful_shutdown(cancel.cancelled_owned())
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "API server failed");
+        }
+    });
+    let info = StartupInfo {
+        agent_addr,
+        api_addr,
+        public_host,
+        cert_path: boot.cert_path,
+        cert_generated: boot.cert_generated,
+        self_signed: boot.self_signed,
+        fingerprint: boot.fingerprint,
+        admin_token_path: boot.admin_token_path,
+        admin_token_created: boot.admin_token_created,
+    };
+    Ok(RelayHandle { info, relay })
+}

@@ -1,0 +1,284 @@
+//! The session state machine and its deadlines, pure: every method takes `now`, so the rules
+//! are tested without a clock.
+//!
+//! ```text
+//! pending --agent joins--> active <--link lost / resumed--> disconnected
+//!    |                        |  finish: deadline = min(now + grace, hard cap)
+//!    |                        v
+//!    +--join TTL--------> revoked <-- deadline, hard cap, DELETE, agent lost too long
+//! ```
+//! The state is derived from the facts kept here (joined, link down since, finish deadline,
+//! revoked), never stored twice.
+
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+
+/// What a session looks like from outside.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SessionState {
+    /// Created; no agent has joined yet.
+    Pending,
+    /// The agent is connected; visitors are forwarded.
+    Active,
+    /// The agent's link is lost; ports stay bound, visitors are refused until it resumes.
+    Disconnected,
+    /// The build finished; visitors are forwarded until the grace deadline.
+    Finishing,
+    /// Over: ports closed, connections cut.
+    Revoked,
+}
+
+/// Why a session was revoked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RevokeReason {
+    /// No agent joined within the join TTL.
+    JoinTtlExpired,
+    /// The session reached its maximum lifetime.
+    HardCap,
+    /// The grace period after the build finished ended.
+    GraceEnded,
+    /// The agent did not resume within the resume window.
+    AgentLost,
+    /// Revoked through the API.
+    Deleted,
+}
+
+impl RevokeReason {
+    /// A sentence for people (agent output, API).
+    pub fn describe(self) -> &'static str {
+        match self {
+            RevokeReason::JoinTtlExpired => "no build machine joined before the join TTL ran out",
+            RevokeReason::HardCap => "the session reached its maximum lifetime",
+            RevokeReason::GraceEnded => "the grace period after the build finished is over",
+            RevokeReason::AgentLost => {
+                "the build machine did not reconnect within the resume window"
+            }
+            RevokeReason::Deleted => "the session was revoked through the API",
+        }
+    }
+}
+
+/// The facts a session's state and deadline are derived from.
+#[derive(Clone, Debug)]
+pub struct Lifecycle {
+    /// When the session was created.
+    pub created_at: SystemTime,
+    /// Latest time an agent may join.
+    pub join_by: SystemTime,
+    /// The hard cap: created_at + max lifetime.
+    pub hard_cap: SystemTime,
+    /// Grace after finish.
+    pub grace: Duration,
+    /// How long a lost agent may take to resume.
+    pub resume_window: Duration,
+    /// An agent has joined (the join token is spent).
+    pub joined: bool,
+    /// Since when the agent link has been down (None while up, or before joining).
+    pub link_down_since: Option<SystemTime>,
+    /// Set once the build finished.
+    pub finish_deadline: Option<SystemTime>,
+    /// Set once revoked.
+    pub revoked: Option<(RevokeReason, SystemTime)>,
+}
+
+impl Lifecycle {
+    /// A new pending session.
+    pub fn new(
+        now: SystemTime,
+        join_ttl: Duration,
+        max_lifetime: Duration,
+        grace: Duration,
+        resume_window: Duration,
+    ) -> Self {
+        let hard_cap = now + max_lifetime;
+        Self {
+            created_at: now,
+            join_by: (now + join_ttl).min(hard_cap),
+            hard_cap,
+            grace,
+            resume_window,
+            joined: false,
+            link_down_since: None,
+            finish_deadline: None,
+            revoked: None,
+        }
+    }
+
+    /// The state, derived.
+    pub fn state(&self) -> SessionState {
+        if self.revoked.is_some() {
+            SessionState::Revoked
+        } else if !self.joined {
+            SessionState::Pending
+        } else if self.link_down_since.is_some() {
+            SessionState::Disconnected
+        } else if self.finish_deadline.is_some() {
+            SessionState::Finishing
+        } else {
+            SessionState::Active
+        }
+    }
+
+    /// The earliest deadline that applies now, and what revokes the session when it passes.
+    pub fn deadline(&self) -> (SystemTime, RevokeReason) {
+        let mut best = (self.hard_cap, RevokeReason::HardCap);
+        let mut consider = |at: Option<SystemTime>, why| {
+            if let Some(at) = at {
+                if at < best.0 {
+                    best = (at, why);
+                }
+            }
+        };
+        if !self.joined {
+            consider(Some(self.join_by), RevokeReason::JoinTtlExpired);
+        }
+        consider(self.finish_deadline, RevokeReason::GraceEnded);
+        consider(
+            self.link_down_since.map(|t| t + self.resume_window),
+            RevokeReason::AgentLost,
+        );
+        best
+    }
+
+    /// Whether visitors are forwarded now.
+    pub fn accepts_visitors(&self) -> bool {
+        matches!(self.state(), SessionState::Active | SessionState::Finishing)
+    }
+
+    /// The agent joined with the join token.
+    pub fn on_join(&mut self) {
+        self.joined = true;
+        self.link_down_since = None;
+    }
+
+    /// The agent resumed after a lost link.
+    pub fn on_resume(&mut self) {
+        self.link_down_since = None;
+    }
+
+    /// The agent link was lost.
+    pub fn on_link_down(&mut self, now: SystemTime) {
+        if self.joined && self.revoked.is_none() && self.link_down_since.is_none() {
+            self.link_down_since = Some(now);
+        }
+    }
+
+    /// The build finished: the grace period starts (a second finish never extends it).
+    /// Returns whether the deadline changed.
+    pub fn on_finish(&mut self, now: SystemTime) -> bool {
+        if self.revoked.is_some() {
+            return false;
+        }
+        let candidate = (now + self.grace).min(self.hard_cap);
+        match self.finish_deadline {
+            Some(existing) if existing <= candidate => false,
+            _ => {
+                self.finish_deadline = Some(candidate);
+                true
+            }
+        }
+    }
+
+    /// Revokes; returns false when it already was.
+    pub fn revoke(&mut self, reason: RevokeReason, now: SystemTime) -> bool {
+        if self.revoked.is_some() {
+            return false;
+        }
+        self.revoked = Some((reason, now));
+        true
+    }
+
+    /// The reason to revoke now, if a deadline has passed.
+    pub fn due(&self, now: SystemTime) -> Option<RevokeReason> {
+        if self.revoked.is_some() {
+            return None;
+        }
+        let (at, why) = self.deadline();
+        (now >= at).then_some(why)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: Duration = Duration::from_secs(60);
+
+    fn t0() -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000)
+    }
+
+    fn fresh() -> Lifecycle {
+        Lifecycle::new(t0(), 15 * MIN, 180 * MIN, 10 * MIN, 5 * MIN)
+    }
+
+    #[test]
+    fn pending_expires_at_join_ttl() {
+        let l = fresh();
+        assert_eq!(l.state(), SessionState::Pending);
+        assert_eq!(
+            l.deadline(),
+            (t0() + 15 * MIN, RevokeReason::JoinTtlExpired)
+        );
+        assert_eq!(l.due(t0() + 14 * MIN), None);
+        assert_eq!(l.due(t0() + 15 * MIN), Some(RevokeReason::JoinTtlExpired));
+        assert!(!l.accepts_visitors());
+    }
+
+    #[test]
+    fn active_runs_to_hard_cap_and_finish_starts_grace() {
+        let mut l = fresh();
+        l.on_join();
+        assert_eq!(l.state(), SessionState::Active);
+        assert!(l.accepts_visitors());
+        assert_eq!(l.deadline(), (t0() + 180 * MIN, RevokeReason::HardCap));
+        assert!(l.on_finish(t0() + 60 * MIN));
+        assert_eq!(l.state(), SessionState::Finishing);
+        assert_eq!(l.deadline(), (t0() + 70 * MIN, RevokeReason::GraceEnded));
+        // A later finish never extends the grace.
+        assert!(!l.on_finish(t0() + 65 * MIN));
+        assert_eq!(l.deadline().0, t0() + 70 * MIN);
+    }
+
+    #[test]
+    fn grace_never_passes_the_hard_cap() {
+        let mut l = fresh();
+        l.on_join();
+        l.on_finish(t0() + 175 * MIN);
+        assert_eq!(l.deadline(), (t0() + 180 * MIN, RevokeReason::HardCap));
+    }
+
+    #[test]
+    fn lost_link_revokes_after_resume_window_unless_resumed() {
+        let mut l = fresh();
+        l.on_join();
+        l.on_link_down(t0() + 10 * MIN);
+        assert_eq!(l.state(), SessionState::Disconnected);
+        assert!(!l.accepts_visitors());
+        assert_eq!(l.deadline(), (t0() + 15 * MIN, RevokeReason::AgentLost));
+        l.on_resume();
+        assert_eq!(l.state(), SessionState::Active);
+        assert_eq!(l.deadline().1, RevokeReason::HardCap);
+    }
+
+    #[test]
+    fn link_loss_before_join_changes_nothing() {
+        let mut l = fresh();
+        l.on_link_down(t0());
+        assert_eq!(l.state(), SessionState::Pending);
+    }
+
+    #[test]
+    fn revoked_is_final() {
+        let mut l = fresh();
+        l.on_join();
+        assert!(l.revoke(RevokeReason::Deleted, t0()));
+        assert!(!l.revoke(RevokeReason::HardCap, t0()));
+        assert_eq!(l.state(), SessionState::Revoked);
+        assert!(!l.on_finish(t0()));
+        assert_eq!(l.due(t0() + 1000 * MIN), None);
+    }
+}

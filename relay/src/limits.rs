@@ -1,0 +1,28 @@
+//! Relay limits and internal constants that are not settings.
+
+use std::time::Duration;
+
+/// Backlog of each public session listener.
+pub const PUBLIC_LISTEN_BACKLOG: u32 = 1024;
+
+/// Messages queued toward one agent's control connection before visitors are refused.
+pub const CONTROL_QUEUE: usize = 256;
+
+/// Pause after an accept error (EMFILE and friends) before accepting again.
+pub const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Longest a deadline supervisor sleeps before looking at the wall clock again (catches
+/// clock jumps).
+pub const SUPERVISOR_MAX_SLEEP: Duration = Duration::from_secs(30);
+
+/// Longest build id / app id accepted by the API.
+pub const MAX_ID_LEN: usize = 256;
+
+/// Longest max_lifetime a session may ask for.
+pub const MAX_SESSION_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Largest API request body.
+pub const MAX_API_BODY: usize = 64 * 1024;
+
+/// Time allowed to write the final `revoked`/`error` frame to an agent before closing.
+pub const FAREWELL_TIMEOUT: Duration = Duration::from_secs(2);

@@ -1,0 +1,249 @@
+//! Session operations on the shared [`Relay`]: create, join, resume, finish, revoke.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use porthole_protocol::{Endpoint, ErrorCode, Message, Secret, Service};
+use tokio::sync::mpsc;
+
+use crate::error::RelayError;
+use crate::lifecycle::{Lifecycle, RevokeReason, SessionState};
+use crate::limits::CONTROL_QUEUE;
+use crate::session::{Link, Session};
+use crate::shared::Relay;
+use crate::{public, supervisor};
+
+/// What the API asks for when it creates a session.
+#[derive(Clone, Debug)]
+pub struct NewSession {
+    /// The CI build.
+    pub build_id: String,
+    /// The CI app.
+    pub app_id: String,
+    /// Services, distinct, at least one.
+    pub services: Vec<Service>,
+    /// Grace after finish.
+    pub grace: Duration,
+    /// Hard cap on the session's life.
+    pub max_lifetime: Duration,
+}
+
+/// A refusal to an agent: code and message for the `error` frame.
+pub type Refusal = (ErrorCode, String);
+
+/// A registered agent link.
+#[derive(Debug)]
+pub struct Registration {
+    /// The session.
+    pub session: Arc<Session>,
+    /// The link; the control task owns its receiving end.
+    pub link: Link,
+    /// Messages for the agent.
+    pub rx: mpsc::Receiver<Message>,
+    /// The fresh resume secret, sent once in `registered`.
+    pub resume_secret: Secret,
+    /// Whether this was a resume.
+    pub resumed: bool,
+}
+
+impl Relay {
+    /// Creates a session: binds its public ports and starts its supervisor.
+    pub fn create_session(
+        self: &Arc<Self>,
+        req: NewSession,
+    ) -> Result<(Arc<Session>, Secret), RelayError> {
+        let listeners = self.pool.allocate(req.services.len())?;
+        let join_token = Secret::generate("phj_");
+        let id = format!("s_{}", &Secret::generate("").expose()[..20]);
+        let endpoints = req
+            .services
+            .iter()
+            .zip(&listeners)
+            .map(|(service, (port, _))| Endpoint {
+                service: *service,
+                host: self.public_host.clone(),
+                port: *port,
+            })
+            .collect();
+        let c = &self.config;
+        let life = Lifecycle::new(
+            SystemTime::now(),
+            c.join_ttl,
+            req.max_lifetime,
+            req.grace,
+            c.resume_window,
+        );
+        let session = Arc::new(Session::new(
+            id.clone(),
+            req.build_id,
+            req.app_id,
+            endpoints,
+            &join_token,
+            life,
+            self.cancel.child_token(),
+        ));
+        self.by_join.insert(session.join_hash, id.clone());
+        self.sessions.insert(id.clone(), session.clone());
+        for ((port, listener), service) in listeners.into_iter().zip(req.services) {
+            self.tasks.spawn(public::serve_port(
+                self.clone(),
+                session.clone(),
+                service,
+                port,
+                listener,
+            ));
+        }
+        self.tasks
+            .spawn(supervisor::run(self.clone(), session.clone()));
+        tracing::info!(session_id = %id, build_id = %session.build_id, app_id = %session.app_id,
+            ports = ?session.ports(), "session created");
+        Ok((session, join_token))
+    }
+
+    /// Registers an agent that presents a join token.
+    pub fn join(&self, token: &Secret, services: &[Service]) -> Result<Registration, Refusal> {
+        let id = self.by_join.get(&token.hash()).map(|e| e.value().clone());
+        let session = id
+            .and_then(|id| self.sessions.get(&id).map(|s| s.value().clone()))
+            .ok_or((
+                ErrorCode::BadToken,
+                "unknown join token: check it was copied whole, or create a new session".to_owned(),
+            ))?;
+        self.register(session, services, false)
+    }
+
+    /// Registers an agent that presents a session id and resume secret.
+    pub fn resume(
+        &self,
+        session_id: &str,
+        secret: &Secret,
+        services: &[Service],
+    ) -> Result<Registration, Refusal> {
+        let bad = || {
+            (
+                ErrorCode::BadToken,
+                format!("unknown session `{session_id}` or wrong resume secret"),
+            )
+        };
+        let session = self
+            .sessions
+            .get(session_id)
+            .map(|s| s.value().clone())
+            .ok_or_else(bad)?;
+        let known = session.lock().resume_hash;
+        if !known.is_some_and(|h| secret.matches(&h)) {
+            return Err(bad());
+        }
+        self.register(session, services, true)
+    }
+
+    fn register(
+        &self,
+        session: Arc<Session>,
+        services: &[Service],
+        resume: bool,
+    ) -> Result<Registration, Refusal> {
+        if let Some(missing) = session
+            .services()
+            .into_iter()
+            .find(|s| !services.contains(s))
+        {
+            return Err((ErrorCode::ServiceMismatch, format!(
+                "session {} needs service `{missing}` but the agent offers none: add --service {missing}=HOST:PORT",
+                session.id)));
+        }
+        let mut inner = session.lock();
+        if let Some((reason, _)) = inner.life.revoked {
+            return Err((
+                ErrorCode::SessionRevoked,
+                format!("session {} was revoked: {}", session.id, reason.describe()),
+            ));
+        }
+        if !resume && inner.life.joined {
+            return Err((ErrorCode::TokenUsed, format!(
+                "join token of session {} was already used by an agent; a reconnecting agent resumes with its resume secret",
+                session.id)));
+        }
+        if inner
+            .link
+            .as_ref()
+            .is_some_and(|l| !l.cancel.is_cancelled())
+        {
+            return Err((ErrorCode::SessionBusy, format!(
+                "session {} already has a connected agent; retry once its link is gone (dead links are dropped after three missed heartbeats)",
+                session.id)));
+        }
+        let (tx, rx) = mpsc::channel(CONTROL_QUEUE);
+        let link = Link {
+            id: session.next_id(),
+            tx,
+            cancel: session.cancel.child_token(),
+        };
+        let resume_secret = Secret::generate("phr_");
+        inner.resume_hash = Some(resume_secret.hash());
+        inner.link = Some(link.clone());
+        if resume {
+            inner.life.on_resume()
+        } else {
+            inner.life.on_join()
+        }
+        drop(inner);
+        session.changed.notify_one();
+        Ok(Registration {
+            session,
+            link,
+            rx,
+            resume_secret,
+            resumed: resume,
+        })
+    }
+
+    /// The build finished: start the grace period and tell the agent the new deadline.
+    pub fn finish(&self, session: &Session) {
+        let mut inner = session.lock();
+        if !inner.life.on_finish(SystemTime::now()) {
+            return;
+        }
+        let deadline = inner.life.deadline().0;
+        let link = inner.link.clone();
+        drop(inner);
+        session.changed.notify_one();
+        tracing::info!(session_id = %session.id, deadline = %humantime::format_rfc3339_seconds(deadline), "session finishing");
+        if let Some(link) = link {
+            let msg = Message::Deadline {
+                deadline_unix_ms: unix_ms(deadline),
+                finishing: true,
+            };
+            if link.tx.try_send(msg).is_err() {
+                tracing::debug!(session_id = %session.id, "could not queue deadline update for the agent");
+            }
+        }
+    }
+
+    /// Revokes a session: listeners, agent link and every visitor connection close; its
+    /// ports cool down.
+    pub fn revoke(&self, session: &Session, reason: RevokeReason) {
+        if !session.lock().life.revoke(reason, SystemTime::now()) {
+            return;
+        }
+        session.cancel.cancel();
+        self.pool.release(&session.ports());
+        session.changed.notify_one();
+        tracing::info!(session_id = %session.id, reason = ?reason, "session revoked: {}", reason.describe());
+    }
+
+    /// Forgets a revoked session (after its retention).
+    pub fn purge(&self, session: &Session) {
+        if session.lock().life.state() == SessionState::Revoked {
+            self.sessions.remove(&session.id);
+            self.by_join.remove(&session.join_hash);
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

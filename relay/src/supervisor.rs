@@ -1,0 +1,41 @@
+//! One task per session that enforces its deadline with the relay's clock: it sleeps until
+//! the earliest deadline that applies, wakes early when the lifecycle changes, revokes when a
+//! deadline passes, and forgets the session after the retention period.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use crate::limits::SUPERVISOR_MAX_SLEEP;
+use crate::session::Session;
+use crate::shared::Relay;
+
+/// Runs until the session is revoked and its retention is over, or the relay shuts down.
+pub async fn run(relay: Arc<Relay>, session: Arc<Session>) {
+    loop {
+        let (at, revoked) = {
+            let inner = session.lock();
+            (inner.life.deadline().0, inner.life.revoked.is_some())
+        };
+        if revoked {
+            break;
+        }
+        let wait = at
+            .duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO)
+            .min(SUPERVISOR_MAX_SLEEP);
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {
+                let due = session.lock().life.due(SystemTime::now());
+                if let Some(reason) = due {
+                    relay.revoke(&session, reason);
+                }
+            }
+            () = session.changed.notified() => {}
+            () = relay.cancel.cancelled() => return,
+        }
+    }
+    tokio::select! {
+        () = tokio::time::sleep(relay.config.revoked_retention) => relay.purge(&session),
+        () = relay.cancel.cancelled() => {}
+    }
+}

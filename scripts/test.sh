@@ -1,0 +1,134 @@
+#!/usr/bin/env bash
+# Porthole's one test command: installs the real peers the integration tests
+# drive (OpenSSH, TigerVNC, vncdotool, ...) when they are missing, then builds
+# and tests the whole workspace. Extra arguments go to `cargo test`.
+#
+# Installing is best effort: only when a tool is missing, and only as root or
+# with passwordless sudo. A machine that already has everything does no network
+# I/O here. If something cannot be installed the tests still run and fail with
+# a message naming the missing tool.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+section() { printf '\n=== %s ===\n' "$*"; }
+have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/sbin/$1" ]; }
+
+section "Checking test tools"
+
+# program -> Debian package providing it
+declare -A APT_FOR=(
+  [sshd]=openssh-server
+  [ssh]=openssh-client
+  [ssh-keygen]=openssh-client
+  [Xvnc]=tigervnc-standalone-server
+  [vncpasswd]=tigervnc-tools   # not in tigervnc-standalone-server on Debian 12
+  [sshpass]=sshpass
+  [tmux]=tmux
+  [pgrep]=procps
+  [ps]=procps
+  [ss]=iproute2
+)
+
+missing_pkgs=()
+for prog in "${!APT_FOR[@]}"; do
+  if ! have "$prog"; then
+    echo "missing: $prog (Debian package ${APT_FOR[$prog]})"
+    missing_pkgs+=("${APT_FOR[$prog]}")
+  fi
+done
+
+need_vncdo=0
+if ! have vncdo; then
+  echo "missing: vncdo (PyPI package vncdotool)"
+  need_vncdo=1
+  if ! have python3; then
+    missing_pkgs+=(python3 python3-pip)
+  elif ! python3 -m pip --version >/dev/null 2>&1; then
+    missing_pkgs+=(python3-pip)
+  fi
+fi
+
+SUDO=()
+can_install=1
+if [ "$(id -u)" -ne 0 ]; then
+  if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+    SUDO=(sudo -n)
+  else
+    can_install=0
+  fi
+fi
+
+if [ "${#missing_pkgs[@]}" -gt 0 ]; then
+  # De-duplicate, keep it stable.
+  mapfile -t missing_pkgs < <(printf '%s\n' "${missing_pkgs[@]}" | sort -u)
+  if [ "$can_install" -eq 1 ] && command -v apt-get >/dev/null 2>&1; then
+    section "Installing Debian packages: ${missing_pkgs[*]}"
+    if ! { ${SUDO[@]+"${SUDO[@]}"} apt-get update \
+        && ${SUDO[@]+"${SUDO[@]}"} env DEBIAN_FRONTEND=noninteractive \
+          apt-get install -y --no-install-recommends "${missing_pkgs[@]}"; }; then
+      echo "WARNING: apt-get failed; tests that need ${missing_pkgs[*]} will fail" >&2
+    fi
+  else
+    echo "WARNING: cannot install (need root or passwordless sudo, and apt-get)." >&2
+    echo "         Install manually: apt-get install ${missing_pkgs[*]}" >&2
+  fi
+fi
+
+if [ "$need_vncdo" -eq 1 ]; then
+  if have python3 && python3 -m pip --version >/dev/null 2>&1; then
+    section "Installing vncdotool (pip)"
+    pip_args=(install --disable-pip-version-check --no-input)
+    # Not root and not in a virtualenv: install for this user only.
+    if [ "$(id -u)" -ne 0 ] \
+        && [ "$(python3 -c 'import sys; print(sys.prefix != sys.base_prefix)')" = False ]; then
+      pip_args+=(--user)
+    fi
+    pip_log=$(mktemp)
+    if python3 -m pip "${pip_args[@]}" vncdotool 2>&1 | tee "$pip_log"; then :
+    elif grep -q externally-managed "$pip_log"; then
+      echo "(externally managed Python: retrying with --break-system-packages)"
+      python3 -m pip "${pip_args[@]}" --break-system-packages vncdotool \
+        || echo "WARNING: pip install vncdotool failed; VNC tests will fail" >&2
+    else
+      echo "WARNING: pip install vncdotool failed; VNC tests will fail" >&2
+    fi
+    rm -f "$pip_log"
+    # pip may put the script outside PATH (e.g. ~/.local/bin): add its dirs.
+    if ! have vncdo; then
+      for dir in "$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')" \
+                 "$(python3 -m site --user-base)/bin"; do
+        if [ -x "$dir/vncdo" ]; then
+          export PATH="$dir:$PATH"
+          break
+        fi
+      done
+    fi
+  else
+    echo "WARNING: no python3 with pip; install vncdotool manually: python3 -m pip install vncdotool" >&2
+  fi
+fi
+
+still_missing=()
+for prog in "${!APT_FOR[@]}" vncdo; do
+  have "$prog" || still_missing+=("$prog")
+done
+if [ "${#still_missing[@]}" -gt 0 ]; then
+  echo "WARNING: still missing: ${still_missing[*]} (the tests that need them will fail)" >&2
+else
+  echo "all test tools present"
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "ERROR: cargo not found; install Rust from https://rustup.rs" >&2
+  exit 127
+fi
+
+section "cargo build --workspace --all-targets --locked"
+cargo build --workspace --all-targets --locked
+
+section "cargo test --workspace --locked $*"
+status=0
+cargo test --workspace --locked "$@" || status=$?
+section "done (cargo test exit status $status)"
+exit "$status"
