@@ -3,7 +3,7 @@
 
 use std::fs::{self, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -45,7 +45,12 @@ fn file_err(path: &Path) -> impl FnOnce(std::io::Error) -> RelayError + '_ {
 /// Creates the data dir if needed and loads or creates the certificate and admin token.
 pub fn prepare(config: &RelayConfig, public_host: &str) -> Result<Bootstrap, RelayError> {
     let dir = &config.data_dir;
-    fs::create_dir_all(dir).map_err(file_err(dir))?;
+    // Owner-only: the directory holds the admin token and the TLS key.
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(file_err(dir))?;
     let (cert_path, key_path, cert_generated, self_signed) =
         match (&config.tls_cert, &config.tls_key) {
             (Some(cert), Some(key)) => (cert.clone(), key.clone(), false, false),
@@ -99,6 +104,7 @@ fn generate_self_signed(
         "127.0.0.1".to_owned(),
         "::1".to_owned(),
     ];
+    names.sort();
     names.dedup();
     let certified = rcgen::generate_simple_self_signed(names)?;
     write_private(key, certified.key_pair.serialize_pem().as_bytes())?;

@@ -111,6 +111,12 @@ impl RelayConfig {
         if self.handshake_timeout.is_zero() || self.open_timeout.is_zero() {
             return Err("handshake_timeout and open_timeout: must be more than 0".into());
         }
+        if self.port_range.lo == 0 || self.port_range.lo > self.port_range.hi {
+            return Err(format!(
+                "port_range: `{}` must satisfy 1 <= LO <= HI",
+                self.port_range
+            ));
+        }
         if self.max_pending_handshakes == 0 {
             return Err("max_pending_handshakes: must be at least 1".into());
         }
@@ -136,7 +142,7 @@ pub struct PortRange {
 impl PortRange {
     /// Number of ports in the range.
     pub fn len(&self) -> usize {
-        usize::from(self.hi - self.lo) + 1
+        usize::from(self.hi.saturating_sub(self.lo)) + 1
     }
 
     /// Always false: a valid range holds at least one port.

@@ -4,7 +4,7 @@
 //!
 //! # Layout
 //! - [`config`]: every setting, one serde struct that clap also parses.
-//! - [`error`]: [`RelayError`].
+//! - [`error`]: the relay error type, [`RelayError`].
 //! - [`limits`]: internal constants that are not settings.
 //! - [`bootstrap`]: the data dir on start: TLS certificate (generated if absent), admin token.
 //! - [`shared`]: [`Relay`], the state all tasks share.

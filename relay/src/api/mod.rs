@@ -8,7 +8,7 @@ pub mod sessions;
 
 use std::sync::Arc;
 
-use axum::extract::{Request, State};
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::header::AUTHORIZATION;
 use axum::middleware::{self, Next};
 use axum::response::Response;
@@ -16,6 +16,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use porthole_protocol::Secret;
 
+use crate::limits::MAX_API_BODY;
 use crate::shared::Relay;
 use error::ApiError;
 
@@ -30,6 +31,7 @@ pub fn router(relay: Arc<Relay>) -> Router {
         .route("/v1/sessions/{id}/finish", post(sessions::finish))
         .fallback(|| async { ApiError::not_found("no such route") })
         .layer(middleware::from_fn_with_state(relay.clone(), require_admin))
+        .layer(DefaultBodyLimit::max(MAX_API_BODY))
         .with_state(relay)
 }
 
@@ -39,15 +41,27 @@ async fn require_admin(
     req: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    let presented = req
+    let header = req
         .headers()
         .get(AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(|t| Secret::new(t.trim()));
-    match presented {
+        .map(|v| v.to_str().unwrap_or(""));
+    let Some(header) = header else {
+        return Err(ApiError::unauthorized(
+            "missing `Authorization: Bearer <admin token>` header (the token is in DATA_DIR/admin.token)",
+        ));
+    };
+    // The scheme name is case-insensitive (RFC 7235).
+    let token = header
+        .split_once(' ')
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| Secret::new(token.trim()));
+    match token {
         Some(token) if token.ct_eq(&relay.admin_token) => Ok(next.run(req).await),
-        Some(_) => Err(ApiError::unauthorized("the bearer token is not the relay's admin token")),
-        None => Err(ApiError::unauthorized("missing `Authorization: Bearer <admin token>` header (the token is in DATA_DIR/admin.token)")),
+        Some(_) => Err(ApiError::unauthorized(
+            "the bearer token is not the relay's admin token",
+        )),
+        None => Err(ApiError::unauthorized(
+            "the Authorization header is not `Bearer <admin token>`",
+        )),
     }
 }

@@ -1,0 +1,190 @@
+//! An in-process relay on loopback with its own runtime, driven through its real HTTP API.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use porthole_relay::{start, RelayConfig, RelayHandle};
+use serde_json::{json, Value};
+use tokio::runtime::Runtime;
+
+/// A running relay and an API client for it.
+pub struct TestRelay {
+    /// The runtime the relay runs on (kept alive with it).
+    pub rt: Runtime,
+    /// The relay.
+    pub handle: RelayHandle,
+    /// Its data dir.
+    pub dir: tempfile::TempDir,
+    /// API base URL.
+    pub api: String,
+    /// Blocking HTTP client.
+    pub http: reqwest::blocking::Client,
+}
+
+/// A created session, as the API answered.
+#[derive(Debug, Clone)]
+pub struct Created {
+    /// Session id.
+    pub id: String,
+    /// Join token.
+    pub token: String,
+    /// Public ports by service, in request order.
+    pub ports: Vec<(String, u16)>,
+}
+
+impl Created {
+    /// The public port of `service`.
+    pub fn port(&self, service: &str) -> u16 {
+        self.ports
+            .iter()
+            .find(|(s, _)| s == service)
+            .map(|(_, p)| *p)
+            .unwrap_or(0)
+    }
+}
+
+fn random_range() -> porthole_relay::config::PortRange {
+    let base = 24000 + (rand::random::<u16>() % 300) * 20;
+    porthole_relay::config::PortRange {
+        lo: base,
+        hi: base + 19,
+    }
+}
+
+impl TestRelay {
+    /// A relay with test-friendly settings.
+    pub fn start() -> anyhow::Result<Self> {
+        Self::start_with(|_| {})
+    }
+
+    /// A relay with settings adjusted by `adjust`.
+    pub fn start_with(adjust: impl FnOnce(&mut RelayConfig)) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let mut config = RelayConfig {
+            data_dir: dir.path().join("data"),
+            agent_listen: "127.0.0.1:0".parse()?,
+            api_listen: "127.0.0.1:0".parse()?,
+            public_host: Some("127.0.0.1".into()),
+            public_bind: "127.0.0.1".parse()?,
+            port_range: random_range(),
+            heartbeat_interval: Duration::from_secs(1),
+            ..RelayConfig::default()
+        };
+        adjust(&mut config);
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        let handle = rt.block_on(start(config)).context("starting the relay")?;
+        let api = format!("http://{}", handle.info.api_addr);
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(
+            reqwest::header::AUTHORIZATION,
+            format!("Bearer {}", handle.admin_token().expose()).parse()?,
+        );
+        let http = reqwest::blocking::Client::builder()
+            .default_headers(headers)
+            .timeout(Duration::from_secs(20))
+            .build()?;
+        Ok(Self {
+            rt,
+            handle,
+            dir,
+            api,
+            http,
+        })
+    }
+
+    /// The agent endpoint, HOST:PORT.
+    pub fn agent_addr(&self) -> String {
+        self.handle.info.agent_addr.to_string()
+    }
+
+    /// The certificate pin agents use.
+    pub fn pin(&self) -> String {
+        self.handle.info.fingerprint.clone()
+    }
+
+    /// `POST /v1/sessions` with `services`, `grace_secs` (None: default); expects 201.
+    pub fn create(&self, services: &[&str], grace_secs: Option<u64>) -> anyhow::Result<Created> {
+        let mut body = json!({ "build_id": "build-42", "app_id": "app-7", "services": services });
+        if let Some(g) = grace_secs {
+            body["grace_secs"] = json!(g);
+        }
+        let resp = self
+            .http
+            .post(format!("{}/v1/sessions", self.api))
+            .json(&body)
+            .send()?;
+        let status = resp.status();
+        let v: Value = resp.json()?;
+        if status.as_u16() != 201 {
+            bail!("create session answered {status}: {v}");
+        }
+        let ports = v["endpoints"]
+            .as_array()
+            .context("endpoints")?
+            .iter()
+            .map(|e| {
+                (
+                    e["service"].as_str().unwrap_or("").to_owned(),
+                    e["port"].as_u64().unwrap_or(0) as u16,
+                )
+            })
+            .collect();
+        Ok(Created {
+            id: v["session_id"].as_str().context("session_id")?.to_owned(),
+            token: v["join_token"].as_str().context("join_token")?.to_owned(),
+            ports,
+        })
+    }
+
+    /// `GET /v1/sessions/{id}`.
+    pub fn get(&self, id: &str) -> anyhow::Result<Value> {
+        Ok(self
+            .http
+            .get(format!("{}/v1/sessions/{id}", self.api))
+            .send()?
+            .error_for_status()?
+            .json()?)
+    }
+
+    /// The session's state.
+    pub fn state(&self, id: &str) -> anyhow::Result<String> {
+        Ok(self.get(id)?["state"].as_str().unwrap_or("").to_owned())
+    }
+
+    /// Waits until the session reaches `state`.
+    pub fn wait_state(&self, id: &str, state: &str, timeout: Duration) -> anyhow::Result<Value> {
+        super::wait_for(&format!("session {id} to be {state}"), timeout, || {
+            self.get(id).ok().filter(|v| v["state"] == state)
+        })
+    }
+
+    /// `POST /v1/sessions/{id}/finish`.
+    pub fn finish(&self, id: &str) -> anyhow::Result<Value> {
+        Ok(self
+            .http
+            .post(format!("{}/v1/sessions/{id}/finish", self.api))
+            .send()?
+            .error_for_status()?
+            .json()?)
+    }
+
+    /// `DELETE /v1/sessions/{id}`.
+    pub fn delete(&self, id: &str) -> anyhow::Result<Value> {
+        Ok(self
+            .http
+            .delete(format!("{}/v1/sessions/{id}", self.api))
+            .send()?
+            .error_for_status()?
+            .json()?)
+    }
+}
+
+impl Drop for TestRelay {
+    fn drop(&mut self) {
+        self.rt
+            .block_on(self.handle.shutdown(Duration::from_secs(2)));
+    }
+}
