@@ -241,6 +241,33 @@ fn bad_first_frames_get_typed_errors() -> anyhow::Result<()> {
         anyhow::Ok(read.await.is_ok())
     })?;
     ensure!(closed, "a plain-text peer must be disconnected");
+
+    // TLS without the porthole/1 ALPN: closed before any frame is read.
+    let answered = h.relay.rt.block_on(async {
+        let pin = parse_pin(&h.relay.pin())?;
+        let mut config = (*client_config(&RelayTrust::Pin(pin))?).clone();
+        config.alpn_protocols.clear();
+        let tcp = TcpStream::connect(h.relay.agent_addr()).await?;
+        let tls = TlsConnector::from(std::sync::Arc::new(config))
+            .connect(ServerName::try_from("localhost")?, tcp)
+            .await?;
+        let mut framed = Framed::new(tls, MessageCodec);
+        let hello = Message::Hello {
+            protocol_version: porthole_protocol::limits::PROTOCOL_VERSION,
+            agent_version: "0".into(),
+            auth: HelloAuth::Join {
+                token: Secret::new("phj_x"),
+            },
+            services: vec![Service::Ssh],
+        };
+        let _ = framed.send(hello).await;
+        let answer = tokio::time::timeout(Duration::from_secs(10), framed.next()).await?;
+        anyhow::Ok(matches!(answer, Some(Ok(_))))
+    })?;
+    ensure!(
+        !answered,
+        "a TLS client without ALPN porthole/1 must get no answer"
+    );
     wait_for(
         "healthy session after all refusals",
         Duration::from_secs(5),

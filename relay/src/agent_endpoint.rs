@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use futures_util::{SinkExt, StreamExt};
 use porthole_protocol::codec::MessageCodec;
+use porthole_protocol::limits::ALPN;
 use porthole_protocol::{ErrorCode, FrameError, Message};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -59,6 +60,13 @@ async fn handle(
     let _ = tcp.set_nodelay(true);
     let handshake = async {
         let tls = acceptor.accept(tcp).await?;
+        // rustls accepts clients that offer no ALPN at all; only `porthole/1` speaks to us.
+        if tls.get_ref().1.alpn_protocol() != Some(ALPN) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "client did not negotiate ALPN porthole/1",
+            ));
+        }
         let mut framed = Framed::new(tls, MessageCodec);
         let first = framed.next().await;
         Ok::<_, std::io::Error>((framed, first))
