@@ -6,7 +6,9 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use porthole_protocol::tls::{parse_pin, RelayTrust};
-use porthole_protocol::{Secret, Service};
+use porthole_protocol::{Credential, Secret, Service};
+
+use crate::credentials;
 
 /// Settings of `porthole-agent run` (the default command).
 #[derive(Clone, Debug, clap::Args)]
@@ -37,6 +39,26 @@ pub struct AgentConfig {
     /// Where the agent writes its pid, for `porthole-agent finish`.
     #[arg(long, env = "PORTHOLE_PID_FILE", default_value_os_t = default_pid_file())]
     pub pid_file: PathBuf,
+    /// SSH user name shown in the instructions [default: the user running the agent].
+    #[arg(long, env = "PORTHOLE_SSH_USER")]
+    pub ssh_user: Option<String>,
+    /// File holding the SSH password shown to allowed users (a file, so it stays out of `ps`).
+    #[arg(long, env = "PORTHOLE_SSH_PASSWORD_FILE")]
+    pub ssh_password_file: Option<PathBuf>,
+    /// VNC user name shown in the instructions [default: the SSH user].
+    #[arg(long, env = "PORTHOLE_VNC_USER")]
+    pub vnc_user: Option<String>,
+    /// File holding the VNC password shown to allowed users.
+    #[arg(long, env = "PORTHOLE_VNC_PASSWORD_FILE")]
+    pub vnc_password_file: Option<PathBuf>,
+    /// SSH host public key file(s) users verify the machine with; repeat per file
+    /// [default: /etc/ssh/ssh_host_*_key.pub].
+    #[arg(
+        long = "ssh-host-key-file",
+        env = "PORTHOLE_SSH_HOST_KEY_FILES",
+        value_delimiter = ','
+    )]
+    pub ssh_host_key_files: Vec<PathBuf>,
     /// Deadline for connecting to the relay or a local service.
     #[arg(long, env = "PORTHOLE_CONNECT_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub connect_timeout: Duration,
@@ -102,6 +124,10 @@ pub struct Resolved {
     pub trust: RelayTrust,
     /// Connect deadline.
     pub connect_timeout: Duration,
+    /// Login details for the instructions.
+    pub credentials: Vec<Credential>,
+    /// SSH host public keys.
+    pub host_keys: Vec<String>,
 }
 
 impl AgentConfig {
@@ -133,7 +159,10 @@ impl AgentConfig {
             (None, None) => RelayTrust::SystemRoots,
             (Some(_), Some(_)) => return Err("use --ca-cert or --pin-sha256, not both".into()),
         };
+        let (credentials, host_keys) = credentials::gather(self, &services)?;
         Ok(Resolved {
+            credentials,
+            host_keys,
             server_name: self.server_name.clone().unwrap_or(host),
             relay,
             token,

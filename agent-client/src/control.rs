@@ -57,6 +57,8 @@ pub async fn run(
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
         auth,
         services: ctx.config.services.keys().copied().collect(),
+        credentials: ctx.config.credentials.clone(),
+        host_keys: ctx.config.host_keys.clone(),
     };
     framed
         .send(hello)

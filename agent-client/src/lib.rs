@@ -3,6 +3,7 @@
 //!
 //! # Layout
 //! - [`config`]: flags and `PORTHOLE_*` variables, checked into [`config::Resolved`].
+//! - [`credentials`]: user names, passwords (from files) and SSH host keys for the relay.
 //! - [`error`]: [`AgentError`], and which errors are worth retrying.
 //! - [`events`]: what the agent reports for the build log ([`AgentEvent`], [`Reporter`]).
 //! - [`link`]: dialing the relay (TCP + verified TLS 1.3).
@@ -16,6 +17,7 @@
 pub mod backoff;
 pub mod config;
 pub mod control;
+pub mod credentials;
 pub mod error;
 pub mod events;
 pub mod link;

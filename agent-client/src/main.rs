@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use porthole_agent::{run, AgentConfig, AgentEvent, Outcome};
+use porthole_protocol::{Credential, Service};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
@@ -29,7 +30,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve the session (the default).
-    Run(AgentConfig),
+    Run(Box<AgentConfig>),
     /// Tell the running agent that the build finished (sends it SIGUSR1).
     Finish {
         /// The running agent's pid file.
@@ -48,7 +49,7 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Some(Command::Finish { pid_file }) => finish(&pid_file),
-        Some(Command::Run(config)) => serve(config),
+        Some(Command::Run(config)) => serve(*config),
         None => serve(cli.run),
     };
     match result {
@@ -79,6 +80,7 @@ fn finish(pid_file: &Path) -> Result<(), String> {
 
 fn serve(config: AgentConfig) -> Result<(), String> {
     let resolved = config.resolve()?;
+    let logins: Vec<Credential> = resolved.credentials.clone();
     let runtime =
         tokio::runtime::Runtime::new().map_err(|e| format!("cannot start the runtime: {e}"))?;
     std::fs::write(&config.pid_file, format!("{}\n", std::process::id()))
@@ -98,7 +100,8 @@ fn serve(config: AgentConfig) -> Result<(), String> {
                 }
             }
         });
-        run(resolved, Box::new(print_event), finish_rx, cancel)
+        let reporter = move |e: &AgentEvent| print_event(e, &logins);
+        run(resolved, Box::new(reporter), finish_rx, cancel)
             .await
             .map_err(|e| e.to_string())
     });
@@ -114,8 +117,10 @@ fn time(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
-/// Prints events for the build log. Never prints a token or password.
-fn print_event(event: &AgentEvent) {
+/// Prints events for the build log. Never prints a token or password: build logs are read
+/// by many, including users who may not get remote access.
+fn print_event(event: &AgentEvent, logins: &[Credential]) {
+    let login = |service: Service| logins.iter().find(|c| c.service == service);
     match event {
         AgentEvent::Registered {
             session_id,
@@ -131,17 +136,26 @@ fn print_event(event: &AgentEvent) {
                 "porthole-agent: remote access session {session_id} is open until {}",
                 time(*deadline)
             );
+            println!("Remote access instructions (passwords are on the remote access instructions page):");
             for e in endpoints {
+                let user = login(e.service)
+                    .map(|c| c.username.as_str())
+                    .unwrap_or("<user>");
+                let has_password = login(e.service).is_some_and(|c| c.password.is_some());
+                let password = if has_password {
+                    "password: on the instructions page"
+                } else {
+                    "key authentication"
+                };
                 match e.service {
-                    porthole_protocol::Service::Ssh => {
-                        println!(
-                            "  ssh  {}:{}  (ssh -p {} <user>@{})",
-                            e.host, e.port, e.port, e.host
-                        )
-                    }
-                    porthole_protocol::Service::Vnc => {
-                        println!("  vnc  {}:{}  (VNC viewer address)", e.host, e.port)
-                    }
+                    Service::Ssh => println!(
+                        "  ssh  {}:{}  ssh -p {} {user}@{}  ({password})",
+                        e.host, e.port, e.port, e.host
+                    ),
+                    Service::Vnc => println!(
+                        "  vnc  {}:{}  VNC viewer, user {user}  ({password})",
+                        e.host, e.port
+                    ),
                 }
             }
         }

@@ -201,6 +201,8 @@ fn bad_first_frames_get_typed_errors() -> anyhow::Result<()> {
             token: Secret::new("phj_x"),
         },
         services: vec![Service::Ssh],
+        credentials: vec![],
+        host_keys: vec![],
     };
     expect_error(
         h.answer_to(hello)?,
@@ -259,6 +261,8 @@ fn bad_first_frames_get_typed_errors() -> anyhow::Result<()> {
                 token: Secret::new("phj_x"),
             },
             services: vec![Service::Ssh],
+            credentials: vec![],
+            host_keys: vec![],
         };
         let _ = framed.send(hello).await;
         let answer = tokio::time::timeout(Duration::from_secs(10), framed.next()).await?;

@@ -89,6 +89,8 @@ mod tests {
                 token: Secret::generate("phj_"),
             },
             services: vec![Service::Ssh, Service::Vnc],
+            credentials: vec![],
+            host_keys: vec![],
         });
         roundtrip(Message::Finish);
         roundtrip(Message::Error {

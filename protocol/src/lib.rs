@@ -28,5 +28,5 @@ pub mod secret;
 pub mod tls;
 
 pub use frame::FrameError;
-pub use message::{Endpoint, ErrorCode, Message, Service};
+pub use message::{Credential, Endpoint, ErrorCode, Message, Service};
 pub use secret::Secret;

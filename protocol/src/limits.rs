@@ -22,3 +22,12 @@ pub const MAX_SECRET_LEN: usize = 128;
 
 /// Size of each of the two buffers the copy path of the forwarder uses per connection.
 pub const FORWARD_BUFFER_LEN: usize = 64 * 1024;
+
+/// Most SSH host keys an agent may report.
+pub const MAX_HOST_KEYS: usize = 16;
+
+/// Longest SSH host key line accepted (an RSA-16384 key fits).
+pub const MAX_HOST_KEY_LEN: usize = 4096;
+
+/// Longest user name or password accepted in credentials.
+pub const MAX_CREDENTIAL_LEN: usize = 1024;

@@ -59,6 +59,18 @@ pub struct Endpoint {
     pub port: u16,
 }
 
+/// Login details for one service, shown to users allowed to get the instructions.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Credential {
+    /// The service they log in to.
+    pub service: Service,
+    /// User name.
+    pub username: String,
+    /// Password, if the service uses one.
+    #[serde(default)]
+    pub password: Option<Secret>,
+}
+
 /// How an agent proves which session its control connection belongs to.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -128,6 +140,14 @@ pub enum Message {
         auth: HelloAuth,
         /// Services the agent can reach on the build machine.
         services: Vec<Service>,
+        /// Login details users get in the remote access instructions (sent on every
+        /// registration: the relay keeps them in memory only).
+        #[serde(default)]
+        credentials: Vec<Credential>,
+        /// The build machine's SSH host public keys (`ssh-ed25519 AAAA... comment`), so users
+        /// can verify the machine instead of turning host key checking off.
+        #[serde(default)]
+        host_keys: Vec<String>,
     },
     /// Relay → agent: the control connection is registered.
     Registered {

@@ -45,7 +45,16 @@ fn message() -> impl Strategy<Value = Message> {
                     protocol_version,
                     agent_version,
                     auth,
-                    services
+                    credentials: services
+                        .iter()
+                        .map(|s| porthole_protocol::Credential {
+                            service: *s,
+                            username: "vagrant".into(),
+                            password: Some(Secret::new("pw")),
+                        })
+                        .collect(),
+                    services,
+                    host_keys: vec!["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAI test".into()],
                 }
             ),
         (

@@ -93,12 +93,16 @@ async fn handle(
             agent_version,
             auth,
             services,
+            credentials,
+            host_keys,
         })) => {
             let hello = control::Hello {
                 protocol_version,
                 agent_version,
                 auth,
                 services,
+                credentials,
+                host_keys,
             };
             control::run(relay, framed, hello, peer).await;
         }

@@ -143,7 +143,7 @@ fn load_or_create_token(path: &Path) -> Result<(Secret, bool), RelayError> {
 }
 
 /// Writes a new file readable by its owner only.
-fn write_private(path: &Path, data: &[u8]) -> Result<(), RelayError> {
+pub fn write_private(path: &Path, data: &[u8]) -> Result<(), RelayError> {
     let mut file = OpenOptions::new()
         .write(true)
         .create(true)

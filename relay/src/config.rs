@@ -67,6 +67,29 @@ pub struct RelayConfig {
     /// Agent connections allowed in the handshake phase at once.
     #[arg(long, env = "PORTHOLE_MAX_PENDING_HANDSHAKES", default_value = "1024")]
     pub max_pending_handshakes: usize,
+    /// Secret shared with the CI backend for HS256 user tokens [default: DATA_DIR/user-token.secret].
+    #[arg(long, env = "PORTHOLE_USER_TOKEN_SECRET_FILE")]
+    pub user_token_secret_file: Option<PathBuf>,
+    /// Roles that never get remote access instructions (case-insensitive, comma-separated).
+    #[arg(
+        long,
+        env = "PORTHOLE_DENIED_ROLES",
+        value_delimiter = ',',
+        default_value = "tester,qa"
+    )]
+    pub denied_roles: Vec<String>,
+    /// Audit log (JSON lines), or `-` for stdout [default: DATA_DIR/audit.log].
+    #[arg(long, env = "PORTHOLE_AUDIT_LOG")]
+    pub audit_log: Option<PathBuf>,
+    /// Concurrent visitor connections per session (a session may ask for fewer or more).
+    #[arg(long, env = "PORTHOLE_MAX_VISITORS", default_value = "16")]
+    pub max_visitors: usize,
+    /// New visitor connections a source IP may open at once per session (token bucket size).
+    #[arg(long, env = "PORTHOLE_VISITOR_RATE_BURST", default_value = "10")]
+    pub visitor_rate_burst: u32,
+    /// New visitor connections per source IP per session per minute, after the burst.
+    #[arg(long, env = "PORTHOLE_VISITOR_RATE_PER_MINUTE", default_value = "30")]
+    pub visitor_rate_per_minute: u32,
 }
 
 impl Default for RelayConfig {
@@ -91,6 +114,12 @@ impl Default for RelayConfig {
             open_timeout: Duration::from_secs(10),
             revoked_retention: Duration::from_secs(3600),
             max_pending_handshakes: 1024,
+            user_token_secret_file: None,
+            denied_roles: vec!["tester".into(), "qa".into()],
+            audit_log: None,
+            max_visitors: 16,
+            visitor_rate_burst: 10,
+            visitor_rate_per_minute: 30,
         }
     }
 }
@@ -101,6 +130,20 @@ impl RelayConfig {
         self.public_host
             .clone()
             .unwrap_or_else(|| gethostname::gethostname().to_string_lossy().into_owned())
+    }
+
+    /// The user token secret file.
+    pub fn user_token_secret_file(&self) -> PathBuf {
+        self.user_token_secret_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("user-token.secret"))
+    }
+
+    /// The audit log path (`-`: stdout).
+    pub fn audit_log(&self) -> PathBuf {
+        self.audit_log
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("audit.log"))
     }
 
     /// Checks values clap and serde cannot.
@@ -116,6 +159,14 @@ impl RelayConfig {
                 "port_range: `{}` must satisfy 1 <= LO <= HI",
                 self.port_range
             ));
+        }
+        if self.max_visitors == 0 {
+            return Err("max_visitors: must be at least 1".into());
+        }
+        if self.visitor_rate_burst == 0 || self.visitor_rate_per_minute == 0 {
+            return Err(
+                "visitor_rate_burst and visitor_rate_per_minute: must be at least 1".into(),
+            );
         }
         if self.max_pending_handshakes == 0 {
             return Err("max_pending_handshakes: must be at least 1".into());

@@ -9,11 +9,12 @@ use std::time::{Instant, SystemTime};
 use futures_util::{SinkExt, StreamExt};
 use porthole_protocol::limits::PROTOCOL_VERSION;
 use porthole_protocol::message::HelloAuth;
-use porthole_protocol::{ErrorCode, Message, Service};
+use porthole_protocol::{Credential, ErrorCode, Message, Service};
 
+use crate::access::Access;
 use crate::agent_endpoint::{refuse, AgentFramed};
 use crate::limits::FAREWELL_TIMEOUT;
-use crate::registry::{unix_ms, Registration};
+use crate::registry::{unix_ms, AgentOffer, Registration};
 use crate::shared::Relay;
 
 /// The fields of a `hello`.
@@ -27,6 +28,10 @@ pub struct Hello {
     pub auth: HelloAuth,
     /// Services offered.
     pub services: Vec<Service>,
+    /// Credentials for the instructions.
+    pub credentials: Vec<Credential>,
+    /// SSH host keys.
+    pub host_keys: Vec<String>,
 }
 
 /// Registers the agent and serves its link until it ends.
@@ -38,11 +43,25 @@ pub async fn run(relay: Arc<Relay>, mut framed: AgentFramed, hello: Hello, peer:
         );
         return refuse(&mut framed, ErrorCode::VersionMismatch, msg).await;
     }
-    let registered = match &hello.auth {
-        HelloAuth::Join { token } => relay.join(token, &hello.services),
-        HelloAuth::Resume { session_id, secret } => {
-            relay.resume(session_id, secret, &hello.services)
+    let access = match Access::from_hello(hello.credentials, hello.host_keys) {
+        Ok(access) => access,
+        Err(e) => {
+            return refuse(
+                &mut framed,
+                ErrorCode::BadFrame,
+                format!("hello refused: {e}"),
+            )
+            .await
         }
+    };
+    let offer = AgentOffer {
+        services: hello.services,
+        access,
+        ip: peer.ip().to_canonical(),
+    };
+    let registered = match &hello.auth {
+        HelloAuth::Join { token } => relay.join(token, &offer),
+        HelloAuth::Resume { session_id, secret } => relay.resume(session_id, secret, &offer),
     };
     let reg = match registered {
         Ok(reg) => reg,
@@ -87,7 +106,7 @@ async fn serve(relay: &Relay, mut framed: AgentFramed, mut reg: Registration) {
                 match frame {
                     Some(Ok(Message::Ping { seq })) => result = framed.send(Message::Pong { seq }).await,
                     Some(Ok(Message::Pong { .. })) => {}
-                    Some(Ok(Message::Finish)) => relay.finish(&session),
+                    Some(Ok(Message::Finish)) => relay.finish(&session, "agent"),
                     Some(Ok(Message::OpenFailed { conn_id, reason })) => {
                         tracing::info!(session_id = %session.id, conn_id, %reason, "agent could not reach the local service");
                         session.cancel_open(conn_id);

@@ -10,6 +10,10 @@
 //! - [`shared`]: [`Relay`], the state all tasks share.
 //! - [`lifecycle`]: the pure session state machine and deadlines.
 //! - [`session`]: one session: facts, lifecycle, agent link, visitors awaiting data.
+//! - [`access`]: credentials and SSH host keys reported by the agent (memory only).
+//! - [`guards`]: allowed source CIDRs and per-source-IP rate limits for visitors.
+//! - [`user_token`]: HS256 user tokens (verify, mint, shared secret file).
+//! - [`audit`]: the JSON-lines audit log.
 //! - [`registry`]: create / join / resume / finish / revoke.
 //! - [`supervisor`]: the per-session task that enforces deadlines.
 //! - [`ports`]: the public port pool with cooldown.
@@ -21,13 +25,16 @@
 //!
 //! [`start`] binds everything and returns a [`RelayHandle`]; `main.rs` only parses flags.
 
+pub mod access;
 pub mod agent_endpoint;
 pub mod api;
 pub mod attach;
+pub mod audit;
 pub mod bootstrap;
 pub mod config;
 pub mod control;
 pub mod error;
+pub mod guards;
 pub mod lifecycle;
 pub mod limits;
 pub mod ports;
@@ -36,6 +43,7 @@ pub mod registry;
 pub mod session;
 pub mod shared;
 pub mod supervisor;
+pub mod user_token;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -70,6 +78,10 @@ pub struct StartupInfo {
     pub admin_token_path: PathBuf,
     /// Created during this start.
     pub admin_token_created: bool,
+    /// The secret shared with the CI backend for user tokens.
+    pub user_token_secret_path: PathBuf,
+    /// The audit log (`-`: stdout).
+    pub audit_log_path: PathBuf,
 }
 
 /// A running relay.
@@ -114,7 +126,12 @@ pub async fn start(config: RelayConfig) -> Result<RelayHandle, RelayError> {
     };
     let agent_addr = local(&agent_listener, config.agent_listen)?;
     let api_addr = local(&api_listener, config.api_listen)?;
-    let relay = Arc::new(Relay::new(config, boot.admin_token));
+    let user_token_secret_path = config.user_token_secret_file();
+    let audit_log_path = config.audit_log();
+    let (secret, _) = user_token::load_or_create_secret(&user_token_secret_path)?;
+    let user_tokens = user_token::UserTokens::new(&secret, &config.denied_roles);
+    let audit = audit::AuditLog::open(&audit_log_path)?;
+    let relay = Arc::new(Relay::new(config, boot.admin_token, user_tokens, audit));
     let acceptor = TlsAcceptor::from(boot.tls);
     relay.tasks.spawn(agent_endpoint::serve(
         relay.clone(),
@@ -124,6 +141,7 @@ pub async fn start(config: RelayConfig) -> Result<RelayHandle, RelayError> {
     let app = api::router(relay.clone());
     let cancel = relay.cancel.clone();
     relay.tasks.spawn(async move {
+        let app = app.into_make_service_with_connect_info::<SocketAddr>();
         let served = axum::serve(api_listener, app)
             .with_graceful_shutdown(cancel.cancelled_owned())
             .await;
@@ -141,6 +159,8 @@ pub async fn start(config: RelayConfig) -> Result<RelayHandle, RelayError> {
         fingerprint: boot.fingerprint,
         admin_token_path: boot.admin_token_path,
         admin_token_created: boot.admin_token_created,
+        user_token_secret_path,
+        audit_log_path,
     };
     Ok(RelayHandle { info, relay })
 }

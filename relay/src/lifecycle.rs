@@ -30,6 +30,32 @@ pub enum SessionState {
     Revoked,
 }
 
+/// How the grace after finish applies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LifetimePolicy {
+    /// The session ends at min(finish + grace, hard cap).
+    GraceAfterFinish,
+    /// Like grace after finish, but while a visitor is connected the grace deadline does
+    /// not apply (up to the hard cap), and the last visitor leaving starts a fresh grace.
+    ExtendWhileConnected,
+}
+
+/// The durations and policy a session is created with.
+#[derive(Clone, Copy, Debug)]
+pub struct LifetimeSettings {
+    /// How long the session waits for its agent.
+    pub join_ttl: Duration,
+    /// Hard cap on the session's life.
+    pub max_lifetime: Duration,
+    /// Grace after finish.
+    pub grace: Duration,
+    /// How long a lost agent may take to resume.
+    pub resume_window: Duration,
+    /// Which grace rule applies.
+    pub policy: LifetimePolicy,
+}
+
 /// Why a session was revoked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -74,6 +100,10 @@ pub struct Lifecycle {
     pub grace: Duration,
     /// How long a lost agent may take to resume.
     pub resume_window: Duration,
+    /// Which grace rule applies.
+    pub policy: LifetimePolicy,
+    /// Visitor connections open now.
+    pub visitors: usize,
     /// An agent has joined (the join token is spent).
     pub joined: bool,
     /// Since when the agent link has been down (None while up, or before joining).
@@ -86,20 +116,16 @@ pub struct Lifecycle {
 
 impl Lifecycle {
     /// A new pending session.
-    pub fn new(
-        now: SystemTime,
-        join_ttl: Duration,
-        max_lifetime: Duration,
-        grace: Duration,
-        resume_window: Duration,
-    ) -> Self {
-        let hard_cap = now + max_lifetime;
+    pub fn new(now: SystemTime, settings: LifetimeSettings) -> Self {
+        let hard_cap = now + settings.max_lifetime;
         Self {
             created_at: now,
-            join_by: (now + join_ttl).min(hard_cap),
+            join_by: (now + settings.join_ttl).min(hard_cap),
             hard_cap,
-            grace,
-            resume_window,
+            grace: settings.grace,
+            resume_window: settings.resume_window,
+            policy: settings.policy,
+            visitors: 0,
             joined: false,
             link_down_since: None,
             finish_deadline: None,
@@ -135,12 +161,50 @@ impl Lifecycle {
         if !self.joined {
             consider(Some(self.join_by), RevokeReason::JoinTtlExpired);
         }
-        consider(self.finish_deadline, RevokeReason::GraceEnded);
+        if !self.held_open_by_visitors() {
+            consider(self.finish_deadline, RevokeReason::GraceEnded);
+        }
         consider(
             self.link_down_since.map(|t| t + self.resume_window),
             RevokeReason::AgentLost,
         );
         best
+    }
+
+    /// Whether connected visitors currently suspend the grace deadline.
+    fn held_open_by_visitors(&self) -> bool {
+        self.policy == LifetimePolicy::ExtendWhileConnected && self.visitors > 0
+    }
+
+    /// The deadline users are told: `None` while the build runs and only the hard cap
+    /// applies.
+    pub fn available_until(&self) -> Option<SystemTime> {
+        let (at, why) = self.deadline();
+        (self.finish_deadline.is_some() || why != RevokeReason::HardCap).then_some(at)
+    }
+
+    /// A visitor connection opened.
+    pub fn on_visitor_joined(&mut self) {
+        self.visitors += 1;
+    }
+
+    /// A visitor connection closed. Under [`LifetimePolicy::ExtendWhileConnected`] the last
+    /// one leaving after the build finished starts a fresh grace. Returns whether the
+    /// deadline changed.
+    pub fn on_visitor_left(&mut self, now: SystemTime) -> bool {
+        self.visitors = self.visitors.saturating_sub(1);
+        if self.visitors > 0
+            || self.policy != LifetimePolicy::ExtendWhileConnected
+            || self.revoked.is_some()
+        {
+            return false;
+        }
+        let Some(existing) = self.finish_deadline else {
+            return false;
+        };
+        let fresh = (now + self.grace).min(self.hard_cap);
+        self.finish_deadline = Some(existing.max(fresh));
+        self.finish_deadline != Some(existing)
     }
 
     /// Whether visitors are forwarded now.
@@ -211,8 +275,83 @@ mod tests {
         SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000)
     }
 
+    fn with(policy: LifetimePolicy) -> Lifecycle {
+        let settings = LifetimeSettings {
+            join_ttl: 15 * MIN,
+            max_lifetime: 180 * MIN,
+            grace: 10 * MIN,
+            resume_window: 5 * MIN,
+            policy,
+        };
+        Lifecycle::new(t0(), settings)
+    }
+
     fn fresh() -> Lifecycle {
-        Lifecycle::new(t0(), 15 * MIN, 180 * MIN, 10 * MIN, 5 * MIN)
+        with(LifetimePolicy::GraceAfterFinish)
+    }
+
+    #[test]
+    fn available_until_is_null_while_only_the_hard_cap_applies() {
+        let mut l = fresh();
+        assert_eq!(
+            l.available_until(),
+            Some(t0() + 15 * MIN),
+            "pending: join deadline"
+        );
+        l.on_join();
+        assert_eq!(l.available_until(), None);
+        l.on_finish(t0() + MIN);
+        assert_eq!(l.available_until(), Some(t0() + 11 * MIN));
+    }
+
+    #[test]
+    fn grace_after_finish_ignores_visitors() {
+        let mut l = fresh();
+        l.on_join();
+        l.on_visitor_joined();
+        l.on_finish(t0());
+        assert_eq!(l.deadline(), (t0() + 10 * MIN, RevokeReason::GraceEnded));
+        assert!(!l.on_visitor_left(t0() + 20 * MIN));
+        assert_eq!(l.due(t0() + 10 * MIN), Some(RevokeReason::GraceEnded));
+    }
+
+    #[test]
+    fn extend_while_connected_holds_past_grace_and_restarts_it() {
+        let mut l = with(LifetimePolicy::ExtendWhileConnected);
+        l.on_join();
+        l.on_visitor_joined();
+        l.on_finish(t0());
+        // Grace would end at +10 min; a connected visitor holds the session (hard cap only).
+        assert_eq!(l.deadline(), (t0() + 180 * MIN, RevokeReason::HardCap));
+        assert_eq!(l.due(t0() + 30 * MIN), None);
+        l.on_visitor_joined();
+        assert!(
+            !l.on_visitor_left(t0() + 40 * MIN),
+            "one visitor still connected"
+        );
+        // The last visitor leaves at +60 min: a fresh grace from then.
+        assert!(l.on_visitor_left(t0() + 60 * MIN));
+        assert_eq!(l.deadline(), (t0() + 70 * MIN, RevokeReason::GraceEnded));
+    }
+
+    #[test]
+    fn extend_while_connected_still_stops_at_the_hard_cap() {
+        let mut l = with(LifetimePolicy::ExtendWhileConnected);
+        l.on_join();
+        l.on_visitor_joined();
+        l.on_finish(t0());
+        assert_eq!(l.due(t0() + 180 * MIN), Some(RevokeReason::HardCap));
+        l.on_visitor_left(t0() + 175 * MIN);
+        assert_eq!(l.deadline().0, t0() + 180 * MIN);
+    }
+
+    #[test]
+    fn extend_before_finish_changes_nothing() {
+        let mut l = with(LifetimePolicy::ExtendWhileConnected);
+        l.on_join();
+        l.on_visitor_joined();
+        assert!(!l.on_visitor_left(t0()));
+        assert_eq!(l.finish_deadline, None);
     }
 
     #[test]

@@ -26,3 +26,6 @@ pub const MAX_API_BODY: usize = 64 * 1024;
 
 /// Time allowed to write the final `revoked`/`error` frame to an agent before closing.
 pub const FAREWELL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Most networks a session's `allow_cidrs` may list.
+pub const MAX_ALLOW_CIDRS: usize = 64;

@@ -3,17 +3,48 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::Parser;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use porthole_relay::user_token::{self, Roles};
 use porthole_relay::{start, RelayConfig, StartupInfo};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing_subscriber::EnvFilter;
 
 /// Porthole relay: remote access to CI build machines through public TCP ports.
 #[derive(Debug, Parser)]
-#[command(version, about, long_about = None)]
+#[command(version, about, long_about = None, args_conflicts_with_subcommands = true)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
     #[command(flatten)]
     config: RelayConfig,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print a user token (HS256 JWT) for the instructions endpoint, signed with the secret the
+    /// relay uses. The token is alone on the last line.
+    MintUserToken {
+        /// User id (`sub`).
+        #[arg(long)]
+        sub: String,
+        /// App id (`app_id`).
+        #[arg(long)]
+        app_id: String,
+        /// Role (`role`); repeat for a list of roles.
+        #[arg(long = "role", required = true)]
+        roles: Vec<String>,
+        /// Lifetime (`exp` = now + TTL).
+        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// Data dir (the secret defaults to DATA_DIR/user-token.secret).
+        #[arg(long, env = "PORTHOLE_DATA_DIR", default_value = "./porthole-data")]
+        data_dir: PathBuf,
+        /// The shared secret file.
+        #[arg(long, env = "PORTHOLE_USER_TOKEN_SECRET_FILE")]
+        user_token_secret_file: Option<PathBuf>,
+    },
 }
 
 /// How long shutdown waits for connections to close.
@@ -22,6 +53,30 @@ const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Some(Command::MintUserToken {
+        sub,
+        app_id,
+        roles,
+        ttl,
+        data_dir,
+        user_token_secret_file,
+    }) = cli.command
+    {
+        let path = user_token_secret_file.unwrap_or_else(|| data_dir.join("user-token.secret"));
+        let (secret, created) = user_token::load_or_create_secret(&path)?;
+        if created {
+            eprintln!("created a new user token secret at {}", path.display());
+        }
+        let role = if roles.len() == 1 {
+            Roles::One(roles[0].clone())
+        } else {
+            Roles::Many(roles)
+        };
+        let token =
+            user_token::mint(&secret, &sub, &app_id, role, ttl).map_err(anyhow::Error::msg)?;
+        println!("{token}");
+        return Ok(());
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
@@ -75,6 +130,8 @@ fn print_banner(info: &StartupInfo, port_range: &str, public_bind: &str) {
   TLS certificate {cert}{cert_note}
   SHA-256         {fp}
   admin token     {token}{token_note}
+  user tokens     HS256, secret shared with the CI backend: {user_secret}
+  audit log       {audit}
 
 Next steps:
   1. Create a session (the CI backend does this through the API):
@@ -84,12 +141,17 @@ Next steps:
   2. On the build machine, with the join_token from the answer:
        porthole-agent --relay {host}:{agent_port} {trust} \\
          --token <join_token> --service ssh=127.0.0.1:22
-  3. Users connect to the port shown by the agent and by GET /v1/sessions/<session_id>:
+  3. Users get the remote access instructions (command, password, known_hosts line) with a
+     user token the CI backend mints (try: porthole-relay mint-user-token --sub u1 --app-id app-1 --role developer):
+       curl -s -H \"Authorization: Bearer <user token>\" http://{api}/v1/sessions/<session_id>/instructions
+     and connect:
        ssh -p <port> <user>@{host}",
         version = env!("CARGO_PKG_VERSION"),
         agent = info.agent_addr,
         api = info.api_addr,
         cert = info.cert_path.display(),
         fp = info.fingerprint,
+        user_secret = info.user_token_secret_path.display(),
+        audit = info.audit_log_path.display(),
     );
 }

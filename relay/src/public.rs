@@ -4,13 +4,15 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use porthole_protocol::forward::forward;
+use porthole_protocol::forward::{forward, ForwardStats};
 use porthole_protocol::{Message, Secret, Service};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument;
 
+use crate::audit::AuditEvent;
+use crate::guards::VisitorRefusal;
 use crate::limits::ACCEPT_ERROR_BACKOFF;
-use crate::session::Session;
+use crate::session::{DataConn, Session};
 use crate::shared::Relay;
 
 /// Accepts visitors on one public port until the session is revoked; dropping the listener
@@ -29,7 +31,7 @@ pub async fn serve_port(
                 () = session.cancel.cancelled() => break,
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
-                        let task = visitor(relay.clone(), session.clone(), service, stream, peer);
+                        let task = visitor(relay.clone(), session.clone(), service, port, stream, peer);
                         relay.tasks.spawn(task.in_current_span());
                     }
                     Err(e) => {
@@ -45,26 +47,52 @@ pub async fn serve_port(
     .await
 }
 
-/// Serves one visitor connection.
+/// One visitor's identity, for logs and the audit log.
+struct Visit<'a> {
+    relay: &'a Relay,
+    session: &'a Session,
+    service: Service,
+    port: u16,
+    peer: SocketAddr,
+}
+
+impl Visit<'_> {
+    fn refuse(&self, reason: VisitorRefusal) {
+        tracing::info!(peer = %self.peer, ?reason, "visitor refused");
+        self.relay.audit.record(AuditEvent::VisitorRefused {
+            session_id: self.session.id.clone(),
+            service: self.service,
+            port: self.port,
+            source_ip: self.peer.ip().to_canonical(),
+            reason,
+        });
+    }
+}
+
+/// Serves one visitor connection: guards, `open` to the agent, wait for its data
+/// connection, forward.
 async fn visitor(
     relay: Arc<Relay>,
     session: Arc<Session>,
     service: Service,
-    mut stream: TcpStream,
+    port: u16,
+    stream: TcpStream,
     peer: SocketAddr,
 ) {
     let _ = stream.set_nodelay(true);
-    let link = {
-        let inner = session.lock();
-        inner
-            .life
-            .accepts_visitors()
-            .then(|| inner.link.clone())
-            .flatten()
+    let visit = Visit {
+        relay: &relay,
+        session: &session,
+        service,
+        port,
+        peer,
     };
-    let Some(link) = link else {
-        tracing::info!(%peer, "visitor refused: the build machine is not connected");
-        return;
+    if let Err(reason) = session.guards.admit(peer.ip()) {
+        return visit.refuse(reason);
+    }
+    let (link, _counted) = match session.admit_visitor() {
+        Ok(admitted) => admitted,
+        Err(reason) => return visit.refuse(reason),
     };
     let secret = Secret::generate("phc_");
     let (conn_id, rx) = session.register_open(&secret);
@@ -78,34 +106,68 @@ async fn visitor(
         .is_err()
     {
         session.cancel_open(conn_id);
-        tracing::warn!(%peer, "visitor refused: agent link is saturated or closing");
-        return;
+        return visit.refuse(VisitorRefusal::AgentBusy);
     }
     let data = tokio::select! {
         got = tokio::time::timeout(relay.config.open_timeout, rx) => match got {
             Ok(Ok(data)) => data,
-            Ok(Err(_)) => {
-                tracing::info!(%peer, conn_id, "visitor closed: the agent could not reach the service");
-                return;
-            }
+            Ok(Err(_)) => return visit.refuse(VisitorRefusal::AgentFailed),
             Err(_) => {
                 session.cancel_open(conn_id);
-                tracing::warn!(%peer, conn_id, "visitor closed: the agent did not attach in time");
-                return;
+                return visit.refuse(VisitorRefusal::AgentFailed);
             }
         },
         () = link.cancel.cancelled() => return,
     };
+    forward_visitor(&visit, &link.cancel, stream, data, conn_id).await;
+}
+
+/// Forwards a paired visitor until either side ends or the link is cancelled.
+async fn forward_visitor(
+    visit: &Visit<'_>,
+    cancel: &tokio_util::sync::CancellationToken,
+    mut stream: TcpStream,
+    data: DataConn,
+    conn_id: u64,
+) {
     let started = Instant::now();
+    let source_ip = visit.peer.ip().to_canonical();
+    let (session_id, service, port, peer) = (
+        visit.session.id.clone(),
+        visit.service,
+        visit.port,
+        visit.peer,
+    );
     tracing::info!(%peer, conn_id, "visitor connected");
+    visit.relay.audit.record(AuditEvent::VisitorConnected {
+        session_id: session_id.clone(),
+        service,
+        port,
+        source_ip,
+    });
     let mut agent = data.stream;
-    tokio::select! {
+    let stats = tokio::select! {
         result = forward(&mut stream, &mut agent, &data.prefix) => match result {
-            Ok(stats) => tracing::info!(%peer, conn_id, bytes_in = stats.a_to_b, bytes_out = stats.b_to_a,
-                secs = started.elapsed().as_secs_f64(), "visitor closed"),
-            Err(e) => tracing::info!(%peer, conn_id, error = %e, secs = started.elapsed().as_secs_f64(),
-                "visitor connection ended with an error"),
+            Ok(stats) => stats,
+            Err(e) => {
+                tracing::info!(%peer, conn_id, error = %e, "visitor connection ended with an error");
+                ForwardStats::default()
+            }
         },
-        () = link.cancel.cancelled() => tracing::info!(%peer, conn_id, "visitor cut: session revoked or agent link lost"),
-    }
+        () = cancel.cancelled() => {
+            tracing::info!(%peer, conn_id, "visitor cut: session revoked or agent link lost");
+            ForwardStats::default()
+        }
+    };
+    let duration_secs = started.elapsed().as_secs_f64();
+    tracing::info!(%peer, conn_id, bytes_in = stats.a_to_b, bytes_out = stats.b_to_a, duration_secs, "visitor closed");
+    visit.relay.audit.record(AuditEvent::VisitorClosed {
+        session_id,
+        service,
+        port,
+        source_ip,
+        bytes_in: stats.a_to_b,
+        bytes_out: stats.b_to_a,
+        duration_secs,
+    });
 }

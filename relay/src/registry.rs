@@ -1,15 +1,22 @@
 //! Session operations on the shared [`Relay`]: create, join, resume, finish, revoke.
 
+use std::net::IpAddr;
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use porthole_protocol::{Endpoint, ErrorCode, Message, Secret, Service};
 use tokio::sync::mpsc;
 
+use ipnet::IpNet;
+
+use crate::access::Access;
+use crate::audit::AuditEvent;
 use crate::error::RelayError;
-use crate::lifecycle::{Lifecycle, RevokeReason, SessionState};
+use crate::guards::Guards;
+use crate::lifecycle::{Lifecycle, LifetimePolicy, LifetimeSettings, RevokeReason, SessionState};
 use crate::limits::CONTROL_QUEUE;
-use crate::session::{Link, Session};
+use crate::session::{Link, Session, SessionSpec};
 use crate::shared::Relay;
 use crate::{public, supervisor};
 
@@ -26,6 +33,23 @@ pub struct NewSession {
     pub grace: Duration,
     /// Hard cap on the session's life.
     pub max_lifetime: Duration,
+    /// Which grace rule applies.
+    pub policy: LifetimePolicy,
+    /// Sources allowed to connect (empty: all).
+    pub allow_cidrs: Vec<IpNet>,
+    /// Concurrent visitor cap (None: the relay's setting).
+    pub max_visitors: Option<usize>,
+}
+
+/// What an agent offers in its `hello`.
+#[derive(Debug)]
+pub struct AgentOffer {
+    /// Services it can reach.
+    pub services: Vec<Service>,
+    /// Credentials and host keys, checked.
+    pub access: Access,
+    /// Its address (for the audit log).
+    pub ip: IpAddr,
 }
 
 /// A refusal to an agent: code and message for the `error` frame.
@@ -66,22 +90,29 @@ impl Relay {
             })
             .collect();
         let c = &self.config;
-        let life = Lifecycle::new(
-            SystemTime::now(),
-            c.join_ttl,
-            req.max_lifetime,
-            req.grace,
-            c.resume_window,
-        );
-        let session = Arc::new(Session::new(
-            id.clone(),
-            req.build_id,
-            req.app_id,
+        let settings = LifetimeSettings {
+            join_ttl: c.join_ttl,
+            max_lifetime: req.max_lifetime,
+            grace: req.grace,
+            resume_window: c.resume_window,
+            policy: req.policy,
+        };
+        let nz = |n: u32| NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN);
+        let spec = SessionSpec {
+            id: id.clone(),
+            build_id: req.build_id,
+            app_id: req.app_id,
             endpoints,
-            &join_token,
-            life,
-            self.cancel.child_token(),
-        ));
+            join_hash: join_token.hash(),
+            guards: Guards::new(
+                req.allow_cidrs,
+                nz(c.visitor_rate_burst),
+                nz(c.visitor_rate_per_minute),
+            ),
+            max_visitors: req.max_visitors.unwrap_or(c.max_visitors),
+        };
+        let life = Lifecycle::new(SystemTime::now(), settings);
+        let session = Arc::new(Session::new(spec, life, self.cancel.child_token()));
         self.by_join.insert(session.join_hash, id.clone());
         self.sessions.insert(id.clone(), session.clone());
         for ((port, listener), service) in listeners.into_iter().zip(req.services) {
@@ -97,11 +128,17 @@ impl Relay {
             .spawn(supervisor::run(self.clone(), session.clone()));
         tracing::info!(session_id = %id, build_id = %session.build_id, app_id = %session.app_id,
             ports = ?session.ports(), "session created");
+        self.audit.record(AuditEvent::SessionCreated {
+            session_id: id,
+            build_id: session.build_id.clone(),
+            app_id: session.app_id.clone(),
+            ports: session.ports(),
+        });
         Ok((session, join_token))
     }
 
     /// Registers an agent that presents a join token.
-    pub fn join(&self, token: &Secret, services: &[Service]) -> Result<Registration, Refusal> {
+    pub fn join(&self, token: &Secret, agent: &AgentOffer) -> Result<Registration, Refusal> {
         let id = self.by_join.get(&token.hash()).map(|e| e.value().clone());
         let session = id
             .and_then(|id| self.sessions.get(&id).map(|s| s.value().clone()))
@@ -109,7 +146,7 @@ impl Relay {
                 ErrorCode::BadToken,
                 "unknown join token: check it was copied whole, or create a new session".to_owned(),
             ))?;
-        self.register(session, services, false)
+        self.register(session, agent, false)
     }
 
     /// Registers an agent that presents a session id and resume secret.
@@ -117,7 +154,7 @@ impl Relay {
         &self,
         session_id: &str,
         secret: &Secret,
-        services: &[Service],
+        agent: &AgentOffer,
     ) -> Result<Registration, Refusal> {
         let bad = || {
             (
@@ -134,19 +171,19 @@ impl Relay {
         if !known.is_some_and(|h| secret.matches(&h)) {
             return Err(bad());
         }
-        self.register(session, services, true)
+        self.register(session, agent, true)
     }
 
     fn register(
         &self,
         session: Arc<Session>,
-        services: &[Service],
+        agent: &AgentOffer,
         resume: bool,
     ) -> Result<Registration, Refusal> {
         if let Some(missing) = session
             .services()
             .into_iter()
-            .find(|s| !services.contains(s))
+            .find(|s| !agent.services.contains(s))
         {
             return Err((ErrorCode::ServiceMismatch, format!(
                 "session {} needs service `{missing}` but the agent offers none: add --service {missing}=HOST:PORT",
@@ -198,12 +235,17 @@ impl Relay {
         })
     }
 
-    /// The build finished: start the grace period and tell the agent the new deadline.
-    pub fn finish(&self, session: &Session) {
+    /// The build finished (`by`: `agent` or `api`): start the grace period and tell the
+    /// agent the new deadline.
+    pub fn finish(&self, session: &Session, by: &'static str) {
         let mut inner = session.lock();
         if !inner.life.on_finish(SystemTime::now()) {
             return;
         }
+        self.audit.record(AuditEvent::SessionFinished {
+            session_id: session.id.clone(),
+            by,
+        });
         let deadline = inner.life.deadline().0;
         let link = inner.link.clone();
         drop(inner);
@@ -223,9 +265,18 @@ impl Relay {
     /// Revokes a session: listeners, agent link and every visitor connection close; its
     /// ports cool down.
     pub fn revoke(&self, session: &Session, reason: RevokeReason) {
-        if !session.lock().life.revoke(reason, SystemTime::now()) {
-            return;
+        {
+            let mut inner = session.lock();
+            if !inner.life.revoke(reason, SystemTime::now()) {
+                return;
+            }
+            // Passwords are forgotten at revocation.
+            inner.access = None;
         }
+        self.audit.record(AuditEvent::SessionRevoked {
+            session_id: session.id.clone(),
+            reason,
+        });
         session.cancel.cancel();
         self.pool.release(&session.ports());
         session.changed.notify_one();

@@ -3,17 +3,56 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::BytesMut;
 use porthole_protocol::secret::SecretHash;
 use porthole_protocol::{Endpoint, Message, Secret, Service};
+use std::time::SystemTime;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::access::Access;
+use crate::guards::{Guards, VisitorRefusal};
 use crate::lifecycle::Lifecycle;
+
+/// The fixed facts of a new session.
+#[derive(Debug)]
+pub struct SessionSpec {
+    /// Public id.
+    pub id: String,
+    /// CI build.
+    pub build_id: String,
+    /// CI app.
+    pub app_id: String,
+    /// Public endpoints.
+    pub endpoints: Vec<Endpoint>,
+    /// Hash of the join token.
+    pub join_hash: SecretHash,
+    /// Visitor guards.
+    pub guards: Guards,
+    /// Concurrent visitor cap.
+    pub max_visitors: usize,
+}
+
+/// Counts one visitor of a session while it lives; dropping it may start a fresh grace
+/// (see [`crate::lifecycle::LifetimePolicy::ExtendWhileConnected`]).
+#[derive(Debug)]
+pub struct VisitorGuard {
+    /// The session counted in.
+    session: Arc<Session>,
+}
+
+impl Drop for VisitorGuard {
+    fn drop(&mut self) {
+        let changed = self.session.lock().life.on_visitor_left(SystemTime::now());
+        if changed {
+            self.session.changed.notify_one();
+        }
+    }
+}
 
 /// The agent side of one visitor: a data connection, and the bytes already read from it
 /// past its `attach` frame (forwarded first, never lost).
@@ -45,6 +84,8 @@ pub struct SessionInner {
     pub link: Option<Link>,
     /// Hash of the current resume secret (set when an agent registers).
     pub resume_hash: Option<SecretHash>,
+    /// Credentials and host keys from the agent (memory only; dropped at revocation).
+    pub access: Option<Access>,
 }
 
 /// A visitor waiting for the agent's data connection.
@@ -71,6 +112,10 @@ pub struct Session {
     pub join_hash: SecretHash,
     /// Cancelled at revocation: listeners, links and visitors all end.
     pub cancel: CancellationToken,
+    /// Source CIDRs and per-source rate limits for visitors.
+    pub guards: Guards,
+    /// Concurrent visitor connections allowed.
+    pub max_visitors: usize,
     /// Wakes the deadline supervisor when the lifecycle changes.
     pub changed: Notify,
     /// Lifecycle, link and resume secret.
@@ -83,31 +128,47 @@ pub struct Session {
 
 impl Session {
     /// A new pending session.
-    pub fn new(
-        id: String,
-        build_id: String,
-        app_id: String,
-        endpoints: Vec<Endpoint>,
-        join_token: &Secret,
-        life: Lifecycle,
-        cancel: CancellationToken,
-    ) -> Self {
+    pub fn new(spec: SessionSpec, life: Lifecycle, cancel: CancellationToken) -> Self {
         Self {
-            id,
-            build_id,
-            app_id,
-            endpoints,
-            join_hash: join_token.hash(),
+            id: spec.id,
+            build_id: spec.build_id,
+            app_id: spec.app_id,
+            endpoints: spec.endpoints,
+            join_hash: spec.join_hash,
             cancel,
+            guards: spec.guards,
+            max_visitors: spec.max_visitors,
             changed: Notify::new(),
             inner: Mutex::new(SessionInner {
                 life,
                 link: None,
                 resume_hash: None,
+                access: None,
             }),
             pending: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
         }
+    }
+
+    /// Admits a visitor that passed the guards: the agent must be connected and the session
+    /// under its visitor cap. The returned guard counts the visitor until dropped.
+    pub fn admit_visitor(self: &Arc<Self>) -> Result<(Link, VisitorGuard), VisitorRefusal> {
+        let mut inner = self.lock();
+        let link = inner
+            .link
+            .clone()
+            .filter(|_| inner.life.accepts_visitors())
+            .ok_or(VisitorRefusal::AgentNotConnected)?;
+        if inner.life.visitors >= self.max_visitors {
+            return Err(VisitorRefusal::TooManyVisitors);
+        }
+        inner.life.on_visitor_joined();
+        Ok((
+            link,
+            VisitorGuard {
+                session: self.clone(),
+            },
+        ))
     }
 
     /// Locks the mutable part. A poisoned lock is taken over: the data is plain facts.
@@ -137,7 +198,7 @@ impl Session {
 
     /// Ends link `link_id` if it is still the current one: the session goes `disconnected`,
     /// visitors waiting for a data connection are closed.
-    pub fn link_lost(&self, link_id: u64, now: std::time::SystemTime) {
+    pub fn link_lost(&self, link_id: u64, now: SystemTime) {
         let mut inner = self.lock();
         if inner.link.as_ref().is_some_and(|l| l.id == link_id) {
             if let Some(link) = inner.link.take() {

@@ -7,9 +7,11 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::audit::AuditLog;
 use crate::config::RelayConfig;
 use crate::ports::PortPool;
 use crate::session::Session;
+use crate::user_token::UserTokens;
 
 /// The relay: settings, sessions, ports, and the owner of every task.
 #[derive(Debug)]
@@ -26,6 +28,10 @@ pub struct Relay {
     pub pool: PortPool,
     /// The admin API token.
     pub admin_token: Secret,
+    /// Verifies user tokens for the instructions endpoint.
+    pub user_tokens: UserTokens,
+    /// The audit log.
+    pub audit: AuditLog,
     /// Cancelled at shutdown; every session's token is a child.
     pub cancel: CancellationToken,
     /// Every spawned task, so shutdown can wait for them.
@@ -34,7 +40,12 @@ pub struct Relay {
 
 impl Relay {
     /// A relay with no sessions.
-    pub fn new(config: RelayConfig, admin_token: Secret) -> Self {
+    pub fn new(
+        config: RelayConfig,
+        admin_token: Secret,
+        user_tokens: UserTokens,
+        audit: AuditLog,
+    ) -> Self {
         let pool = PortPool::new(config.port_range, config.public_bind, config.port_cooldown);
         Self {
             public_host: config.public_host(),
@@ -43,6 +54,8 @@ impl Relay {
             by_join: DashMap::new(),
             pool,
             admin_token,
+            user_tokens,
+            audit,
             cancel: CancellationToken::new(),
             tasks: TaskTracker::new(),
         }

@@ -225,6 +225,9 @@ async fn get_shows_the_session_and_list_shows_all() -> Result<()> {
         "deadline",
         "expires_at",
         "created_at",
+        "lifetime_policy",
+        "visitors",
+        "allow_cidrs",
     ]
     .into();
     assert_eq!(keys, want, "{view}");

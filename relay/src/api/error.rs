@@ -34,6 +34,30 @@ impl ApiError {
             message: message.into(),
         }
     }
+    /// 403.
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::FORBIDDEN,
+            code: "forbidden",
+            message: message.into(),
+        }
+    }
+    /// 409: not yet possible.
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::CONFLICT,
+            code: "not_connected",
+            message: message.into(),
+        }
+    }
+    /// 410: over.
+    pub fn gone(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::GONE,
+            code: "gone",
+            message: message.into(),
+        }
+    }
     /// 404.
     pub fn not_found(message: impl Into<String>) -> Self {
         Self {

@@ -1,9 +1,11 @@
 //! The HTTP API: JSON over HTTP, admin bearer token on every route.
 //!
 //! - [`error`]: the JSON error body and status codes.
-//! - [`sessions`]: create, get, list, finish, revoke.
+//! - [`sessions`]: create, get, list, finish, revoke (admin token).
+//! - [`instructions`]: remote access instructions (user token).
 
 pub mod error;
+pub mod instructions;
 pub mod sessions;
 
 use std::sync::Arc;
@@ -20,8 +22,13 @@ use crate::limits::MAX_API_BODY;
 use crate::shared::Relay;
 use error::ApiError;
 
-/// The API router.
+/// The API router: admin routes behind the admin token; the instructions route checks user
+/// tokens itself (the two kinds of token never stand in for each other).
 pub fn router(relay: Arc<Relay>) -> Router {
+    let user = Router::new().route(
+        "/v1/sessions/{id}/instructions",
+        get(instructions::instructions),
+    );
     Router::new()
         .route("/v1/sessions", post(sessions::create).get(sessions::list))
         .route(
@@ -31,6 +38,7 @@ pub fn router(relay: Arc<Relay>) -> Router {
         .route("/v1/sessions/{id}/finish", post(sessions::finish))
         .fallback(|| async { ApiError::not_found("no such route") })
         .layer(middleware::from_fn_with_state(relay.clone(), require_admin))
+        .merge(user)
         .layer(DefaultBodyLimit::max(MAX_API_BODY))
         .with_state(relay)
 }

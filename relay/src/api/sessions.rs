@@ -9,12 +9,13 @@ use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
+use ipnet::IpNet;
 use porthole_protocol::{Endpoint, Service};
 use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
-use crate::lifecycle::{RevokeReason, SessionState};
-use crate::limits::{MAX_ID_LEN, MAX_SESSION_LIFETIME};
+use crate::lifecycle::{LifetimePolicy, RevokeReason, SessionState};
+use crate::limits::{MAX_ALLOW_CIDRS, MAX_ID_LEN, MAX_SESSION_LIFETIME};
 use crate::registry::NewSession;
 use crate::session::Session;
 use crate::shared::Relay;
@@ -35,6 +36,16 @@ pub struct CreateRequest {
     /// Hard cap, seconds.
     #[serde(default = "default_max_lifetime")]
     pub max_lifetime_secs: u64,
+    /// Stay open past the grace deadline while a visitor is connected (up to the hard cap);
+    /// the last visitor leaving starts a fresh grace.
+    #[serde(default)]
+    pub extend_while_connected: bool,
+    /// Source networks allowed to connect, e.g. `["203.0.113.0/24"]` (default: all).
+    #[serde(default)]
+    pub allow_cidrs: Vec<IpNet>,
+    /// Concurrent visitor connections (default: the relay's `--max-visitors`).
+    #[serde(default)]
+    pub max_visitors: Option<usize>,
 }
 
 fn default_grace() -> u64 {
@@ -79,6 +90,12 @@ pub struct SessionView {
     pub expires_at: String,
     /// Creation time.
     pub created_at: String,
+    /// Which grace rule applies.
+    pub lifetime_policy: LifetimePolicy,
+    /// Visitor connections open now.
+    pub visitors: usize,
+    /// Sources allowed to connect (empty: all).
+    pub allow_cidrs: Vec<IpNet>,
     /// Why it was revoked, once it was.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub revoke_reason: Option<RevokeReason>,
@@ -106,6 +123,9 @@ impl SessionView {
             deadline: rfc3339(deadline),
             expires_at: rfc3339(life.hard_cap),
             created_at: rfc3339(life.created_at),
+            lifetime_policy: life.policy,
+            visitors: life.visitors,
+            allow_cidrs: s.guards.allow_cidrs().to_vec(),
             revoke_reason: life.revoked.map(|(r, _)| r),
         }
     }
@@ -138,6 +158,16 @@ fn parse_create(body: &[u8]) -> Result<NewSession, ApiError> {
             "invalid field `services`: a service is listed twice",
         ));
     }
+    if req.max_visitors == Some(0) {
+        return Err(ApiError::bad_request(
+            "invalid field `max_visitors`: must be at least 1",
+        ));
+    }
+    if req.allow_cidrs.len() > MAX_ALLOW_CIDRS {
+        return Err(ApiError::bad_request(format!(
+            "invalid field `allow_cidrs`: at most {MAX_ALLOW_CIDRS} networks"
+        )));
+    }
     let max_lifetime = Duration::from_secs(req.max_lifetime_secs);
     if max_lifetime.is_zero() || max_lifetime > MAX_SESSION_LIFETIME {
         return Err(ApiError::bad_request(format!(
@@ -157,6 +187,13 @@ fn parse_create(body: &[u8]) -> Result<NewSession, ApiError> {
         services: req.services,
         grace: Duration::from_secs(req.grace_secs),
         max_lifetime,
+        policy: if req.extend_while_connected {
+            LifetimePolicy::ExtendWhileConnected
+        } else {
+            LifetimePolicy::GraceAfterFinish
+        },
+        allow_cidrs: req.allow_cidrs,
+        max_visitors: req.max_visitors,
     })
 }
 
@@ -217,7 +254,7 @@ pub async fn finish(
     Path(id): Path<String>,
 ) -> Result<Json<SessionView>, ApiError> {
     let session = find(&relay, &id)?;
-    relay.finish(&session);
+    relay.finish(&session, "api");
     Ok(Json(SessionView::of(&session)))
 }
 

@@ -1,0 +1,107 @@
+//! What the agent tells the relay so allowed users can log in: user names, passwords (read
+//! from files, never flags, so they stay out of `ps`), and the machine's SSH host keys.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use porthole_protocol::{Credential, Secret, Service};
+
+use crate::config::AgentConfig;
+
+/// Where OpenSSH keeps host public keys.
+const DEFAULT_HOST_KEY_DIR: &str = "/etc/ssh";
+
+/// Credentials and host keys for the services this agent exposes.
+pub fn gather(
+    config: &AgentConfig,
+    services: &BTreeMap<Service, String>,
+) -> Result<(Vec<Credential>, Vec<String>), String> {
+    let mut credentials = Vec::new();
+    let mut host_keys = Vec::new();
+    let ssh_user = config
+        .ssh_user
+        .clone()
+        .map(Ok)
+        .unwrap_or_else(current_user)?;
+    if services.contains_key(&Service::Ssh) {
+        let password = config
+            .ssh_password_file
+            .as_deref()
+            .map(read_password)
+            .transpose()?;
+        credentials.push(Credential {
+            service: Service::Ssh,
+            username: ssh_user.clone(),
+            password,
+        });
+        host_keys = read_host_keys(&config.ssh_host_key_files)?;
+    }
+    if services.contains_key(&Service::Vnc) {
+        let password = config
+            .vnc_password_file
+            .as_deref()
+            .map(read_password)
+            .transpose()?;
+        let username = config.vnc_user.clone().unwrap_or(ssh_user);
+        credentials.push(Credential {
+            service: Service::Vnc,
+            username,
+            password,
+        });
+    }
+    Ok((credentials, host_keys))
+}
+
+/// The name of the user running the agent.
+fn current_user() -> Result<String, String> {
+    nix::unistd::User::from_uid(nix::unistd::getuid())
+        .ok()
+        .flatten()
+        .map(|u| u.name)
+        .or_else(|| std::env::var("USER").ok())
+        .ok_or_else(|| "cannot tell which user runs the agent: pass --ssh-user".into())
+}
+
+/// A password file's first line.
+fn read_password(path: &Path) -> Result<Secret, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read password file {}: {e}", path.display()))?;
+    let password = text.lines().next().unwrap_or("").to_owned();
+    if password.is_empty() {
+        return Err(format!("password file {} is empty", path.display()));
+    }
+    Ok(Secret::new(password))
+}
+
+/// The given host key files, or every `/etc/ssh/ssh_host_*_key.pub` (none found is not an
+/// error: users then get no `known_hosts` line).
+fn read_host_keys(files: &[PathBuf]) -> Result<Vec<String>, String> {
+    let read = |p: &Path| -> Result<String, String> {
+        let text = std::fs::read_to_string(p)
+            .map_err(|e| format!("cannot read SSH host key {}: {e}", p.display()))?;
+        let line = text.lines().next().unwrap_or("").trim().to_owned();
+        if line.split_whitespace().count() < 2 {
+            return Err(format!("{} is not an OpenSSH public key file", p.display()));
+        }
+        Ok(line)
+    };
+    if !files.is_empty() {
+        return files.iter().map(|p| read(p)).collect();
+    }
+    let Ok(entries) = std::fs::read_dir(DEFAULT_HOST_KEY_DIR) else {
+        tracing::warn!(
+            "no {DEFAULT_HOST_KEY_DIR}: users get no known_hosts line (pass --ssh-host-key-file)"
+        );
+        return Ok(Vec::new());
+    };
+    let mut paths: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("ssh_host_") && n.ends_with("_key.pub"))
+        })
+        .collect();
+    paths.sort();
+    Ok(paths.iter().filter_map(|p| read(p).ok()).collect())
+}

@@ -1,0 +1,225 @@
+//! `GET /v1/sessions/{id}/instructions`: the remote access instructions a developer opens
+//! after "Rebuild with Remote Access". Takes a user token (HS256 JWT), never the admin token;
+//! users whose role is in `denied_roles` (Testers/QA by default) never get them.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::{ConnectInfo, Path, State};
+use axum::http::header::{AUTHORIZATION, CACHE_CONTROL};
+use axum::http::{HeaderMap, HeaderValue};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use porthole_protocol::Service;
+use serde::Serialize;
+
+use super::error::ApiError;
+use super::sessions::rfc3339;
+use crate::access::Access;
+use crate::audit::AuditEvent;
+use crate::lifecycle::{LifetimePolicy, SessionState};
+use crate::session::Session;
+use crate::shared::Relay;
+use crate::user_token::UserClaims;
+
+/// The message for denied roles, word for word.
+pub const DENIED_ROLE_MESSAGE: &str = "Users with the Testers/QA role cannot use remote access";
+
+/// SSH part of the instructions.
+#[derive(Debug, Serialize)]
+pub struct SshInstructions {
+    /// Ready-to-paste command.
+    pub command: String,
+    /// Relay host.
+    pub host: String,
+    /// Public port.
+    pub port: u16,
+    /// Login name.
+    pub username: Option<String>,
+    /// Password, if the machine uses one.
+    pub password: Option<String>,
+    /// `known_hosts` lines for the build machine's host keys.
+    pub known_hosts: Option<String>,
+}
+
+/// Screen sharing part (sessions with VNC).
+#[derive(Debug, Serialize)]
+pub struct ScreenshareInstructions {
+    /// `host:port` for a VNC viewer.
+    pub address: String,
+    /// Relay host.
+    pub host: String,
+    /// Public port.
+    pub port: u16,
+    /// Login name.
+    pub username: Option<String>,
+    /// Password.
+    pub password: Option<String>,
+}
+
+/// The whole answer.
+#[derive(Debug, Serialize)]
+pub struct Instructions {
+    /// Session.
+    pub session_id: String,
+    /// Its state.
+    pub state: SessionState,
+    /// SSH access.
+    pub ssh: Option<SshInstructions>,
+    /// Screen sharing, only when the session has VNC.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub screenshare: Option<ScreenshareInstructions>,
+    /// Current deadline; null while the build runs and only the hard cap applies.
+    pub available_until: Option<String>,
+    /// The hard cap.
+    pub hard_cap: String,
+    /// Which grace rule applies.
+    pub lifetime_policy: LifetimePolicy,
+}
+
+/// Every answer of this endpoint carries secrets or is about them: never cache.
+fn no_store(mut resp: Response) -> Response {
+    resp.headers_mut()
+        .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+/// The handler.
+pub async fn instructions(
+    State(relay): State<Arc<Relay>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let source_ip = peer.ip().to_canonical();
+    let result = serve(&relay, &id, &headers);
+    match result {
+        Ok((answer, claims)) => {
+            relay.audit.record(AuditEvent::InstructionsServed {
+                session_id: id,
+                sub: claims.sub,
+                role: claims.role.joined(),
+                app_id: claims.app_id,
+                source_ip,
+            });
+            no_store(Json(answer).into_response())
+        }
+        Err(denied) => {
+            let (error, claims) = *denied;
+            relay.audit.record(AuditEvent::InstructionsDenied {
+                session_id: id,
+                sub: claims.as_ref().map(|c| c.sub.clone()),
+                role: claims.as_ref().map(|c| c.role.joined()),
+                app_id: claims.map(|c| c.app_id),
+                source_ip,
+                reason: error.message.clone(),
+            });
+            no_store(error.into_response())
+        }
+    }
+}
+
+/// A refusal and the claims of the token, when it was valid (for the audit log).
+type Denied = Box<(ApiError, Option<UserClaims>)>;
+
+fn serve(
+    relay: &Relay,
+    id: &str,
+    headers: &HeaderMap,
+) -> Result<(Instructions, UserClaims), Denied> {
+    let token = headers
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, t)| t.trim())
+        .ok_or_else(|| {
+            (
+                ApiError::unauthorized("missing `Authorization: Bearer <user token>` header"),
+                None,
+            )
+        })?;
+    let claims = relay
+        .user_tokens
+        .verify(token)
+        .map_err(|e| Box::new((ApiError::unauthorized(e), None)))?;
+    let deny = |e: ApiError| Box::new((e, Some(claims.clone())));
+    let session = relay
+        .sessions
+        .get(id)
+        .map(|s| s.value().clone())
+        .ok_or_else(|| deny(ApiError::not_found(format!("no session `{id}`"))))?;
+    if claims.app_id != session.app_id {
+        return Err(deny(ApiError::forbidden(
+            "this user token is for another app",
+        )));
+    }
+    if relay.user_tokens.denied_role(&claims).is_some() {
+        return Err(deny(ApiError::forbidden(DENIED_ROLE_MESSAGE)));
+    }
+    let answer = build(&session).map_err(deny)?;
+    Ok((answer, claims))
+}
+
+fn build(session: &Session) -> Result<Instructions, ApiError> {
+    let inner = session.lock();
+    let life = &inner.life;
+    match life.state() {
+        SessionState::Pending => {
+            return Err(ApiError::conflict(
+                "the build machine has not connected yet: retry in a few seconds",
+            ))
+        }
+        SessionState::Revoked => {
+            return Err(ApiError::gone("remote access to this build has ended"))
+        }
+        _ => {}
+    }
+    let access = inner.access.clone().unwrap_or_default();
+    let endpoint = |service| session.endpoints.iter().find(|e| e.service == service);
+    Ok(Instructions {
+        session_id: session.id.clone(),
+        state: life.state(),
+        ssh: endpoint(Service::Ssh).map(|e| ssh(&access, &e.host, e.port)),
+        screenshare: endpoint(Service::Vnc).map(|e| screenshare(&access, &e.host, e.port)),
+        available_until: life.available_until().map(rfc3339),
+        hard_cap: rfc3339(life.hard_cap),
+        lifetime_policy: life.policy,
+    })
+}
+
+fn login(access: &Access, service: Service) -> (Option<String>, Option<String>) {
+    let c = access.credential(service);
+    (
+        c.map(|c| c.username.clone()),
+        c.and_then(|c| c.password.as_ref())
+            .map(|p| p.expose().to_owned()),
+    )
+}
+
+fn ssh(access: &Access, host: &str, port: u16) -> SshInstructions {
+    let (username, password) = login(access, Service::Ssh);
+    let target = match &username {
+        Some(user) => format!("{user}@{host}"),
+        None => host.to_owned(),
+    };
+    SshInstructions {
+        command: format!("ssh -p {port} {target}"),
+        host: host.to_owned(),
+        port,
+        username,
+        password,
+        known_hosts: access.known_hosts(host, port),
+    }
+}
+
+fn screenshare(access: &Access, host: &str, port: u16) -> ScreenshareInstructions {
+    let (username, password) = login(access, Service::Vnc);
+    ScreenshareInstructions {
+        address: format!("{host}:{port}"),
+        host: host.to_owned(),
+        port,
+        username,
+        password,
+    }
+}

@@ -1,0 +1,193 @@
+//! The audit log: one JSON object per line, appended to `DATA_DIR/audit.log` (or stdout).
+//!
+//! Lines are written synchronously under a lock, so an event is on its way to disk before
+//! the action it records is answered, and none is dropped. Events carry ids, addresses,
+//! roles and counts, never a secret: no type here holds one.
+
+use std::fs::OpenOptions;
+use std::io::{LineWriter, Write};
+use std::net::IpAddr;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use porthole_protocol::Service;
+use serde::Serialize;
+
+use crate::error::RelayError;
+use crate::guards::VisitorRefusal;
+use crate::lifecycle::RevokeReason;
+
+/// Something worth an audit line.
+#[derive(Clone, Debug, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum AuditEvent {
+    /// A session was created through the API.
+    SessionCreated {
+        /// Session.
+        session_id: String,
+        /// CI build.
+        build_id: String,
+        /// CI app.
+        app_id: String,
+        /// Public ports.
+        ports: Vec<u16>,
+    },
+    /// An agent joined with the join token.
+    SessionJoined {
+        /// Session.
+        session_id: String,
+        /// The agent's address.
+        agent_ip: IpAddr,
+    },
+    /// An agent resumed after a lost link.
+    SessionResumed {
+        /// Session.
+        session_id: String,
+        /// The agent's address.
+        agent_ip: IpAddr,
+    },
+    /// The build finished; the grace period started.
+    SessionFinished {
+        /// Session.
+        session_id: String,
+        /// `agent` or `api`.
+        by: &'static str,
+    },
+    /// The session ended.
+    SessionRevoked {
+        /// Session.
+        session_id: String,
+        /// Why.
+        reason: RevokeReason,
+    },
+    /// Instructions were handed to a user.
+    InstructionsServed {
+        /// Session.
+        session_id: String,
+        /// User id.
+        sub: String,
+        /// Roles.
+        role: String,
+        /// App in the token.
+        app_id: String,
+        /// Where the request came from.
+        source_ip: IpAddr,
+    },
+    /// Instructions were refused.
+    InstructionsDenied {
+        /// Session asked for.
+        session_id: String,
+        /// User id, when the token was valid.
+        sub: Option<String>,
+        /// Roles, when the token was valid.
+        role: Option<String>,
+        /// App in the token, when valid.
+        app_id: Option<String>,
+        /// Where the request came from.
+        source_ip: IpAddr,
+        /// Why.
+        reason: String,
+    },
+    /// A visitor was paired with the build machine.
+    VisitorConnected {
+        /// Session.
+        session_id: String,
+        /// Service.
+        service: Service,
+        /// Public port.
+        port: u16,
+        /// Visitor address.
+        source_ip: IpAddr,
+    },
+    /// A visitor connection closed.
+    VisitorClosed {
+        /// Session.
+        session_id: String,
+        /// Service.
+        service: Service,
+        /// Public port.
+        port: u16,
+        /// Visitor address.
+        source_ip: IpAddr,
+        /// Bytes from the visitor to the build machine.
+        bytes_in: u64,
+        /// Bytes from the build machine to the visitor.
+        bytes_out: u64,
+        /// How long it lasted.
+        duration_secs: f64,
+    },
+    /// A visitor was turned away.
+    VisitorRefused {
+        /// Session.
+        session_id: String,
+        /// Service.
+        service: Service,
+        /// Public port.
+        port: u16,
+        /// Visitor address.
+        source_ip: IpAddr,
+        /// Why.
+        reason: VisitorRefusal,
+    },
+}
+
+#[derive(Serialize)]
+struct Line<'a> {
+    ts: String,
+    #[serde(flatten)]
+    event: &'a AuditEvent,
+}
+
+/// Where audit lines go.
+pub struct AuditLog {
+    /// The open file or stdout.
+    sink: Mutex<Box<dyn Write + Send>>,
+}
+
+impl std::fmt::Debug for AuditLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AuditLog")
+    }
+}
+
+impl AuditLog {
+    /// Opens `path` for appending (created 0600), or stdout when `path` is `-`.
+    pub fn open(path: &Path) -> Result<Self, RelayError> {
+        let sink: Box<dyn Write + Send> = if path == Path::new("-") {
+            Box::new(LineWriter::new(std::io::stdout()))
+        } else {
+            let file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(|source| RelayError::File {
+                    path: path.to_owned(),
+                    source,
+                })?;
+            Box::new(LineWriter::new(file))
+        };
+        Ok(Self {
+            sink: Mutex::new(sink),
+        })
+    }
+
+    /// Appends one event. A failed write is logged; it never fails the action it records.
+    pub fn record(&self, event: AuditEvent) {
+        let line = Line {
+            ts: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            event: &event,
+        };
+        let mut text = match serde_json::to_string(&line) {
+            Ok(t) => t,
+            Err(e) => return tracing::error!(error = %e, "cannot encode an audit event"),
+        };
+        text.push('\n');
+        let mut sink = self.sink.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = sink.write_all(text.as_bytes()) {
+            tracing::error!(error = %e, "cannot write the audit log");
+        }
+    }
+}
