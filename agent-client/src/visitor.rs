@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use bytes::BytesMut;
-use porthole_protocol::forward::forward;
+use porthole_protocol::forward::forward_until;
 use porthole_protocol::{frame, Message, Secret, Service};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -63,11 +63,15 @@ pub async fn serve(ctx: Arc<Context>, open: Open, failures: mpsc::Sender<Message
     if let Err(e) = data.write_all(&attach).await {
         return fail(format!("cannot send attach: {e}"));
     }
-    tokio::select! {
-        result = forward(&mut local, &mut data, &[]) => match result {
-            Ok(stats) => tracing::debug!(conn_id, to_relay = stats.a_to_b, from_relay = stats.b_to_a, "visitor closed"),
-            Err(e) => tracing::debug!(conn_id, error = %e, "visitor connection ended with an error"),
-        },
-        () = ctx.cancel.cancelled() => {}
+    match forward_until(&mut local, &mut data, &[], &ctx.cancel).await {
+        Ok(stats) => tracing::debug!(
+            conn_id,
+            to_relay = stats.a_to_b,
+            from_relay = stats.b_to_a,
+            "visitor closed"
+        ),
+        Err(e) => {
+            tracing::debug!(conn_id, error = %e, to_relay = e.stats.a_to_b, "visitor connection ended")
+        }
     }
 }

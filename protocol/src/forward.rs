@@ -6,9 +6,16 @@
 //!
 //! The copy itself is tokio's `copy_bidirectional_with_sizes`; this module adds what a
 //! tunnel needs around it: bytes that were already read from one side while it still spoke
-//! frames are delivered first, and the counts of both directions come back.
+//! frames are delivered first, and the byte counts of both directions come back even when
+//! the connection ends with an error (a visitor's reset, a peer vanishing without
+//! close_notify), because audit lines and metrics need them then too.
 
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio_util::sync::CancellationToken;
 
 use crate::limits::FORWARD_BUFFER_LEN;
 
@@ -21,24 +28,105 @@ pub struct ForwardStats {
     pub b_to_a: u64,
 }
 
+/// A forwarded connection that ended with an I/O error, and what it moved before that.
+#[derive(Debug, thiserror::Error)]
+#[error("{source}")]
+pub struct ForwardError {
+    /// Bytes moved before the error (bytes read from a side; the last chunk may not have
+    /// been written).
+    pub stats: ForwardStats,
+    /// The error.
+    #[source]
+    pub source: io::Error,
+}
+
 /// Forwards between `a` and `b` until both directions have ended.
 ///
 /// `b_prefix` holds bytes already read from `b` (for example past an `attach` frame); they
 /// are written to `a` before anything else.
-pub async fn forward<A, B>(a: &mut A, b: &mut B, b_prefix: &[u8]) -> std::io::Result<ForwardStats>
+pub async fn forward<A, B>(
+    a: &mut A,
+    b: &mut B,
+    b_prefix: &[u8],
+) -> Result<ForwardStats, ForwardError>
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
+    forward_until(a, b, b_prefix, &CancellationToken::new()).await
+}
+
+/// Like [`forward`], but ends early when `cancel` fires (revocation, lost link), returning
+/// the bytes moved so far in a [`ForwardError`] of kind `Interrupted`.
+pub async fn forward_until<A, B>(
+    a: &mut A,
+    b: &mut B,
+    b_prefix: &[u8],
+    cancel: &CancellationToken,
+) -> Result<ForwardStats, ForwardError>
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    let prefix = b_prefix.len() as u64;
     if !b_prefix.is_empty() {
-        a.write_all(b_prefix).await?;
-        a.flush().await?;
+        let wrote = async {
+            a.write_all(b_prefix).await?;
+            a.flush().await
+        };
+        wrote.await.map_err(|source| ForwardError {
+            stats: ForwardStats::default(),
+            source,
+        })?;
     }
-    let (a_to_b, b_to_a) =
-        tokio::io::copy_bidirectional_with_sizes(a, b, FORWARD_BUFFER_LEN, FORWARD_BUFFER_LEN)
-            .await?;
-    Ok(ForwardStats {
-        a_to_b,
-        b_to_a: b_to_a + b_prefix.len() as u64,
-    })
+    let mut a = Counted { inner: a, read: 0 };
+    let mut b = Counted { inner: b, read: 0 };
+    let result = tokio::select! {
+        r = tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, FORWARD_BUFFER_LEN, FORWARD_BUFFER_LEN) => r.map(|_| ()),
+        () = cancel.cancelled() => Err(io::Error::new(io::ErrorKind::Interrupted, "forwarding cancelled")),
+    };
+    let stats = ForwardStats {
+        a_to_b: a.read,
+        b_to_a: b.read + prefix,
+    };
+    result
+        .map(|()| stats)
+        .map_err(|source| ForwardError { stats, source })
+}
+
+/// Counts the bytes read through a stream.
+struct Counted<'a, S: ?Sized> {
+    inner: &'a mut S,
+    read: u64,
+}
+
+impl<S: AsyncRead + Unpin + ?Sized> AsyncRead for Counted<'_, S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut *self.inner).poll_read(cx, buf);
+        self.read += (buf.filled().len() - before) as u64;
+        poll
+    }
+}
+
+impl<S: AsyncWrite + Unpin + ?Sized> AsyncWrite for Counted<'_, S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.inner).poll_write(cx, data)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.inner).poll_shutdown(cx)
+    }
 }

@@ -126,6 +126,28 @@ pub enum ErrorCode {
     Other,
 }
 
+impl ErrorCode {
+    /// The snake_case name (as on the wire), for logs and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::VersionMismatch => "version_mismatch",
+            ErrorCode::BadToken => "bad_token",
+            ErrorCode::TokenUsed => "token_used",
+            ErrorCode::SessionRevoked => "session_revoked",
+            ErrorCode::SessionBusy => "session_busy",
+            ErrorCode::ServiceMismatch => "service_mismatch",
+            ErrorCode::BadFrame => "bad_frame",
+            ErrorCode::FrameTooLarge => "frame_too_large",
+            ErrorCode::UnexpectedMessage => "unexpected_message",
+            ErrorCode::BadAttach => "bad_attach",
+            ErrorCode::Timeout => "timeout",
+            ErrorCode::ShuttingDown => "shutting_down",
+            ErrorCode::Internal => "internal",
+            ErrorCode::Other => "other",
+        }
+    }
+}
+
 /// One control message.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]

@@ -23,7 +23,7 @@ use tokio::task::{JoinHandle, JoinSet};
 trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for T {}
 
-type Forwarder = JoinHandle<io::Result<ForwardStats>>;
+type Forwarder = JoinHandle<Result<ForwardStats, porthole_protocol::forward::ForwardError>>;
 
 /// What `b` is, and so what the far end (`server`) speaks.
 #[derive(Clone, Copy, Debug)]
@@ -509,4 +509,51 @@ async fn plain_one_byte_ping_pong_completes_1000_round_trips() -> Result<()> {
 #[tokio::test]
 async fn tls_one_byte_ping_pong_completes_1000_round_trips() -> Result<()> {
     within(ping_pong(BSide::TlsClient)).await
+}
+
+/// Cancellation ends forwarding at once and still reports what moved (audit and metrics
+/// need the counts of cut connections too).
+#[tokio::test]
+async fn cancelled_forwarding_reports_the_bytes_moved_so_far() -> Result<()> {
+    within(async {
+        let (mut client, mut a) = tcp_pair().await?;
+        let (mut b, mut server) = tcp_pair().await?;
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let stop = cancel.clone();
+        let task = tokio::spawn(async move {
+            porthole_protocol::forward::forward_until(&mut a, &mut b, b"pre", &stop).await
+        });
+        client.write_all(&[7u8; 1000]).await?;
+        let mut got = vec![0u8; 1000];
+        server.read_exact(&mut got).await?;
+        server.write_all(&[9u8; 200]).await?;
+        let mut back = vec![0u8; 203];
+        client.read_exact(&mut back).await?;
+        ensure!(back.starts_with(b"pre"), "prefix first");
+        cancel.cancel();
+        let err = match task.await? {
+            Ok(stats) => bail!("forwarding should have been cancelled, ended with {stats:?}"),
+            Err(e) => e,
+        };
+        ensure!(
+            err.source.kind() == io::ErrorKind::Interrupted,
+            "kind {:?}",
+            err.source.kind()
+        );
+        ensure!(
+            err.stats
+                == ForwardStats {
+                    a_to_b: 1000,
+                    b_to_a: 203
+                },
+            "stats {:?}",
+            err.stats
+        );
+        // Both sockets of the forwarder are closed: the client sees EOF.
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await?;
+        ensure!(rest.is_empty());
+        Ok(())
+    })
+    .await
 }

@@ -76,10 +76,12 @@ async fn handle(
     let (mut framed, first) = match outcome {
         Ok(Ok(got)) => got,
         Ok(Err(e)) => {
+            relay.metrics.handshake_failed("tls");
             tracing::info!(error = %e, "agent connection refused: TLS handshake failed");
             return;
         }
         Err(_) => {
+            relay.metrics.handshake_failed("timeout");
             tracing::info!(
                 "agent connection closed: no TLS handshake and first frame within {:?}",
                 relay.config.handshake_timeout
@@ -118,6 +120,9 @@ async fn handle(
                 "first frame must be `hello` or `attach`, got `{}`",
                 other.kind()
             );
+            relay
+                .metrics
+                .handshake_failed(ErrorCode::UnexpectedMessage.as_str());
             refuse(&mut framed, ErrorCode::UnexpectedMessage, msg).await;
         }
         Some(Err(e)) => {
@@ -125,6 +130,7 @@ async fn handle(
                 FrameError::TooLarge { .. } => ErrorCode::FrameTooLarge,
                 _ => ErrorCode::BadFrame,
             };
+            relay.metrics.handshake_failed(code.as_str());
             refuse(&mut framed, code, format!("first frame refused: {e}")).await;
         }
         None => tracing::debug!("agent connection closed before its first frame"),

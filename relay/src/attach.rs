@@ -21,6 +21,9 @@ pub async fn run(
         .and_then(|s| s.value().take_open(conn_id, secret));
     let Some(tx) = waiting else {
         let msg = format!("attach refused: session `{session_id}` has no visitor {conn_id} waiting with that secret");
+        relay
+            .metrics
+            .handshake_failed(ErrorCode::BadAttach.as_str());
         refuse(&mut framed, ErrorCode::BadAttach, msg).await;
         return;
     };

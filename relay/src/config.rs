@@ -18,6 +18,9 @@ pub struct RelayConfig {
     /// Address agents connect to (TLS).
     #[arg(long, env = "PORTHOLE_AGENT_LISTEN", default_value = "0.0.0.0:7443")]
     pub agent_listen: SocketAddr,
+    /// Separate address for /metrics, /healthz and /readyz [default: served on the API address].
+    #[arg(long, env = "PORTHOLE_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
     /// Address of the HTTP API (keep it private: it hands out join tokens).
     #[arg(long, env = "PORTHOLE_API_LISTEN", default_value = "127.0.0.1:7080")]
     pub api_listen: SocketAddr,
@@ -99,6 +102,7 @@ impl Default for RelayConfig {
             agent_listen: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 7443)),
             api_listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 7080)),
             public_host: None,
+            metrics_listen: None,
             public_bind: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             port_range: PortRange {
                 lo: 20000,

@@ -41,17 +41,21 @@ pub async fn run(relay: Arc<Relay>, mut framed: AgentFramed, hello: Hello, peer:
             "porthole-agent {} speaks protocol {}, this relay (porthole-relay {}) speaks protocol {}: install the porthole-agent release that matches the relay",
             hello.agent_version, hello.protocol_version, env!("CARGO_PKG_VERSION"), PROTOCOL_VERSION
         );
+        relay
+            .metrics
+            .handshake_failed(ErrorCode::VersionMismatch.as_str());
         return refuse(&mut framed, ErrorCode::VersionMismatch, msg).await;
     }
     let access = match Access::from_hello(hello.credentials, hello.host_keys) {
         Ok(access) => access,
         Err(e) => {
+            relay.metrics.handshake_failed(ErrorCode::BadFrame.as_str());
             return refuse(
                 &mut framed,
                 ErrorCode::BadFrame,
                 format!("hello refused: {e}"),
             )
-            .await
+            .await;
         }
     };
     let offer = AgentOffer {
@@ -65,7 +69,10 @@ pub async fn run(relay: Arc<Relay>, mut framed: AgentFramed, hello: Hello, peer:
     };
     let reg = match registered {
         Ok(reg) => reg,
-        Err((code, msg)) => return refuse(&mut framed, code, msg).await,
+        Err((code, msg)) => {
+            relay.metrics.handshake_failed(code.as_str());
+            return refuse(&mut framed, code, msg).await;
+        }
     };
     let session_id = reg.session.id.clone();
     tracing::info!(%session_id, %peer, agent_version = %hello.agent_version, resumed = reg.resumed,

@@ -32,6 +32,20 @@ pub enum VisitorRefusal {
     AgentFailed,
 }
 
+impl VisitorRefusal {
+    /// The snake_case name (as in the audit log), for metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VisitorRefusal::SourceNotAllowed => "source_not_allowed",
+            VisitorRefusal::RateLimited => "rate_limited",
+            VisitorRefusal::TooManyVisitors => "too_many_visitors",
+            VisitorRefusal::AgentNotConnected => "agent_not_connected",
+            VisitorRefusal::AgentBusy => "agent_busy",
+            VisitorRefusal::AgentFailed => "agent_failed",
+        }
+    }
+}
+
 /// The per-session guards.
 pub struct Guards {
     /// Allowed sources; empty means everyone.

@@ -14,6 +14,7 @@
 //! - [`guards`]: allowed source CIDRs and per-source-IP rate limits for visitors.
 //! - [`user_token`]: HS256 user tokens (verify, mint, shared secret file).
 //! - [`audit`]: the JSON-lines audit log.
+//! - [`metrics`]: Prometheus metrics (per-relay registry, bounded labels).
 //! - [`registry`]: create / join / resume / finish / revoke.
 //! - [`supervisor`]: the per-session task that enforces deadlines.
 //! - [`ports`]: the public port pool with cooldown.
@@ -37,6 +38,7 @@ pub mod error;
 pub mod guards;
 pub mod lifecycle;
 pub mod limits;
+pub mod metrics;
 pub mod ports;
 pub mod public;
 pub mod registry;
@@ -64,6 +66,8 @@ pub struct StartupInfo {
     pub agent_addr: SocketAddr,
     /// Bound API address.
     pub api_addr: SocketAddr,
+    /// Bound metrics address, when separate from the API.
+    pub metrics_addr: Option<SocketAddr>,
     /// Host name in endpoints.
     pub public_host: String,
     /// The TLS certificate file.
@@ -126,12 +130,28 @@ pub async fn start(config: RelayConfig) -> Result<RelayHandle, RelayError> {
     };
     let agent_addr = local(&agent_listener, config.agent_listen)?;
     let api_addr = local(&api_listener, config.api_listen)?;
+    let metrics_listener = match config.metrics_listen {
+        Some(addr) => Some(bind(addr).await?),
+        None => None,
+    };
+    let metrics_addr = match (&metrics_listener, config.metrics_listen) {
+        (Some(l), Some(addr)) => Some(local(l, addr)?),
+        _ => None,
+    };
     let user_token_secret_path = config.user_token_secret_file();
     let audit_log_path = config.audit_log();
     let (secret, _) = user_token::load_or_create_secret(&user_token_secret_path)?;
     let user_tokens = user_token::UserTokens::new(&secret, &config.denied_roles);
     let audit = audit::AuditLog::open(&audit_log_path)?;
-    let relay = Arc::new(Relay::new(config, boot.admin_token, user_tokens, audit));
+    let metrics =
+        metrics::Metrics::new().map_err(|e| RelayError::Config(format!("metrics: {e}")))?;
+    let relay = Arc::new(Relay::new(
+        config,
+        boot.admin_token,
+        user_tokens,
+        audit,
+        metrics,
+    ));
     let acceptor = TlsAcceptor::from(boot.tls);
     relay.tasks.spawn(agent_endpoint::serve(
         relay.clone(),
@@ -149,9 +169,22 @@ pub async fn start(config: RelayConfig) -> Result<RelayHandle, RelayError> {
             tracing::error!(error = %e, "API server failed");
         }
     });
+    if let Some(listener) = metrics_listener {
+        let app = api::health::router(relay.clone());
+        let cancel = relay.cancel.clone();
+        relay.tasks.spawn(async move {
+            let served = axum::serve(listener, app)
+                .with_graceful_shutdown(cancel.cancelled_owned())
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "metrics server failed");
+            }
+        });
+    }
     let info = StartupInfo {
         agent_addr,
         api_addr,
+        metrics_addr,
         public_host,
         cert_path: boot.cert_path,
         cert_generated: boot.cert_generated,

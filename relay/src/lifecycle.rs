@@ -30,6 +30,19 @@ pub enum SessionState {
     Revoked,
 }
 
+impl SessionState {
+    /// The lowercase name (as in the API), for metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionState::Pending => "pending",
+            SessionState::Active => "active",
+            SessionState::Disconnected => "disconnected",
+            SessionState::Finishing => "finishing",
+            SessionState::Revoked => "revoked",
+        }
+    }
+}
+
 /// How the grace after finish applies.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -73,6 +86,17 @@ pub enum RevokeReason {
 }
 
 impl RevokeReason {
+    /// The snake_case name (as in the API), for metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RevokeReason::JoinTtlExpired => "join_ttl_expired",
+            RevokeReason::HardCap => "hard_cap",
+            RevokeReason::GraceEnded => "grace_ended",
+            RevokeReason::AgentLost => "agent_lost",
+            RevokeReason::Deleted => "deleted",
+        }
+    }
+
     /// A sentence for people (agent output, API).
     pub fn describe(self) -> &'static str {
         match self {

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use porthole_protocol::forward::{forward, ForwardStats};
+use porthole_protocol::forward::forward_until;
 use porthole_protocol::{Message, Secret, Service};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument;
@@ -59,6 +59,11 @@ struct Visit<'a> {
 impl Visit<'_> {
     fn refuse(&self, reason: VisitorRefusal) {
         tracing::info!(peer = %self.peer, ?reason, "visitor refused");
+        self.relay
+            .metrics
+            .refusals
+            .with_label_values(&[reason.as_str()])
+            .inc();
         self.relay.audit.record(AuditEvent::VisitorRefused {
             session_id: self.session.id.clone(),
             service: self.service,
@@ -139,6 +144,18 @@ async fn forward_visitor(
         visit.peer,
     );
     tracing::info!(%peer, conn_id, "visitor connected");
+    let metrics = &visit.relay.metrics;
+    let label = [service.as_str()];
+    metrics.visitors_total.with_label_values(&label).inc();
+    let active = metrics.visitors_active.with_label_values(&label);
+    active.inc();
+    if visit.session.mark_first_visitor() {
+        let created = visit.session.lock().life.created_at;
+        let waited = std::time::SystemTime::now()
+            .duration_since(created)
+            .unwrap_or_default();
+        metrics.time_to_first_visitor.observe(waited.as_secs_f64());
+    }
     visit.relay.audit.record(AuditEvent::VisitorConnected {
         session_id: session_id.clone(),
         service,
@@ -146,19 +163,26 @@ async fn forward_visitor(
         source_ip,
     });
     let mut agent = data.stream;
-    let stats = tokio::select! {
-        result = forward(&mut stream, &mut agent, &data.prefix) => match result {
-            Ok(stats) => stats,
-            Err(e) => {
-                tracing::info!(%peer, conn_id, error = %e, "visitor connection ended with an error");
-                ForwardStats::default()
-            }
-        },
-        () = cancel.cancelled() => {
+    let stats = match forward_until(&mut stream, &mut agent, &data.prefix, cancel).await {
+        Ok(stats) => stats,
+        Err(e) if e.source.kind() == std::io::ErrorKind::Interrupted => {
             tracing::info!(%peer, conn_id, "visitor cut: session revoked or agent link lost");
-            ForwardStats::default()
+            e.stats
+        }
+        Err(e) => {
+            tracing::info!(%peer, conn_id, error = %e, "visitor connection ended with an error");
+            e.stats
         }
     };
+    active.dec();
+    metrics
+        .bytes
+        .with_label_values(&[service.as_str(), "in"])
+        .inc_by(stats.a_to_b);
+    metrics
+        .bytes
+        .with_label_values(&[service.as_str(), "out"])
+        .inc_by(stats.b_to_a);
     let duration_secs = started.elapsed().as_secs_f64();
     tracing::info!(%peer, conn_id, bytes_in = stats.a_to_b, bytes_out = stats.b_to_a, duration_secs, "visitor closed");
     visit.relay.audit.record(AuditEvent::VisitorClosed {

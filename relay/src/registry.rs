@@ -128,6 +128,7 @@ impl Relay {
             .spawn(supervisor::run(self.clone(), session.clone()));
         tracing::info!(session_id = %id, build_id = %session.build_id, app_id = %session.app_id,
             ports = ?session.ports(), "session created");
+        self.metrics.sessions_created.inc();
         self.audit.record(AuditEvent::SessionCreated {
             session_id: id,
             build_id: session.build_id.clone(),
@@ -219,6 +220,7 @@ impl Relay {
         let resume_secret = Secret::generate("phr_");
         inner.resume_hash = Some(resume_secret.hash());
         inner.link = Some(link.clone());
+        inner.access = Some(agent.access.clone());
         if resume {
             inner.life.on_resume()
         } else {
@@ -226,6 +228,20 @@ impl Relay {
         }
         drop(inner);
         session.changed.notify_one();
+        let kind = if resume { "resume" } else { "join" };
+        self.metrics.registrations.with_label_values(&[kind]).inc();
+        let (session_id, agent_ip) = (session.id.clone(), agent.ip);
+        self.audit.record(if resume {
+            AuditEvent::SessionResumed {
+                session_id,
+                agent_ip,
+            }
+        } else {
+            AuditEvent::SessionJoined {
+                session_id,
+                agent_ip,
+            }
+        });
         Ok(Registration {
             session,
             link,
@@ -265,14 +281,23 @@ impl Relay {
     /// Revokes a session: listeners, agent link and every visitor connection close; its
     /// ports cool down.
     pub fn revoke(&self, session: &Session, reason: RevokeReason) {
-        {
+        let created_at = {
             let mut inner = session.lock();
             if !inner.life.revoke(reason, SystemTime::now()) {
                 return;
             }
             // Passwords are forgotten at revocation.
             inner.access = None;
-        }
+            inner.life.created_at
+        };
+        self.metrics
+            .sessions_revoked
+            .with_label_values(&[reason.as_str()])
+            .inc();
+        let lived = SystemTime::now()
+            .duration_since(created_at)
+            .unwrap_or_default();
+        self.metrics.session_duration.observe(lived.as_secs_f64());
         self.audit.record(AuditEvent::SessionRevoked {
             session_id: session.id.clone(),
             reason,

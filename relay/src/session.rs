@@ -2,7 +2,7 @@
 //! a data connection.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::BytesMut;
@@ -124,6 +124,8 @@ pub struct Session {
     pending: Mutex<HashMap<u64, PendingOpen>>,
     /// Next connection id (and link id).
     next_id: AtomicU64,
+    /// Whether a visitor was ever forwarded (for the time-to-first-visitor metric).
+    had_visitor: AtomicBool,
 }
 
 impl Session {
@@ -147,6 +149,7 @@ impl Session {
             }),
             pending: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
+            had_visitor: AtomicBool::new(false),
         }
     }
 
@@ -184,6 +187,11 @@ impl Session {
     /// The public ports of the session.
     pub fn ports(&self) -> Vec<u16> {
         self.endpoints.iter().map(|e| e.port).collect()
+    }
+
+    /// Records a forwarded visitor; true for the session's first.
+    pub fn mark_first_visitor(&self) -> bool {
+        !self.had_visitor.swap(true, Ordering::Relaxed)
     }
 
     /// A fresh id for a link or a visitor connection.

@@ -9,6 +9,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::audit::AuditLog;
 use crate::config::RelayConfig;
+use crate::metrics::Metrics;
 use crate::ports::PortPool;
 use crate::session::Session;
 use crate::user_token::UserTokens;
@@ -32,6 +33,8 @@ pub struct Relay {
     pub user_tokens: UserTokens,
     /// The audit log.
     pub audit: AuditLog,
+    /// Prometheus metrics.
+    pub metrics: Metrics,
     /// Cancelled at shutdown; every session's token is a child.
     pub cancel: CancellationToken,
     /// Every spawned task, so shutdown can wait for them.
@@ -45,6 +48,7 @@ impl Relay {
         admin_token: Secret,
         user_tokens: UserTokens,
         audit: AuditLog,
+        metrics: Metrics,
     ) -> Self {
         let pool = PortPool::new(config.port_range, config.public_bind, config.port_cooldown);
         Self {
@@ -56,6 +60,7 @@ impl Relay {
             admin_token,
             user_tokens,
             audit,
+            metrics,
             cancel: CancellationToken::new(),
             tasks: TaskTracker::new(),
         }

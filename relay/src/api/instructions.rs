@@ -95,6 +95,11 @@ pub async fn instructions(
     let result = serve(&relay, &id, &headers);
     match result {
         Ok((answer, claims)) => {
+            relay
+                .metrics
+                .instructions
+                .with_label_values(&["served"])
+                .inc();
             relay.audit.record(AuditEvent::InstructionsServed {
                 session_id: id,
                 sub: claims.sub,
@@ -106,6 +111,11 @@ pub async fn instructions(
         }
         Err(denied) => {
             let (error, claims) = *denied;
+            relay
+                .metrics
+                .instructions
+                .with_label_values(&[error.code])
+                .inc();
             relay.audit.record(AuditEvent::InstructionsDenied {
                 session_id: id,
                 sub: claims.as_ref().map(|c| c.sub.clone()),

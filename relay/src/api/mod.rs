@@ -3,8 +3,10 @@
 //! - [`error`]: the JSON error body and status codes.
 //! - [`sessions`]: create, get, list, finish, revoke (admin token).
 //! - [`instructions`]: remote access instructions (user token).
+//! - [`health`]: `/metrics`, `/healthz`, `/readyz` (no token).
 
 pub mod error;
+pub mod health;
 pub mod instructions;
 pub mod sessions;
 
@@ -40,7 +42,8 @@ pub fn router(relay: Arc<Relay>) -> Router {
         .layer(middleware::from_fn_with_state(relay.clone(), require_admin))
         .merge(user)
         .layer(DefaultBodyLimit::max(MAX_API_BODY))
-        .with_state(relay)
+        .with_state(relay.clone())
+        .merge(health::router(relay))
 }
 
 /// Refuses requests without the admin bearer token (compared in constant time).

@@ -1,0 +1,231 @@
+//! Prometheus metrics. One registry per relay (not the process-global one), so several
+//! relays in one process (tests) never share counters. Labels take only bounded values:
+//! states, services, directions, reasons; never a session id or an address.
+//!
+//! Gauges that mirror state (sessions by state, agents connected, ports) are refreshed from
+//! the relay's maps at scrape time, so they cannot drift from the truth.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+use crate::lifecycle::SessionState;
+use crate::shared::Relay;
+
+/// Every metric the relay exports.
+#[derive(Debug)]
+pub struct Metrics {
+    /// Where they are registered.
+    registry: Registry,
+    /// `porthole_sessions{state}`.
+    pub sessions: IntGaugeVec,
+    /// `porthole_agents_connected`.
+    pub agents_connected: IntGauge,
+    /// `porthole_public_ports{status="in_use|free|cooling"}`.
+    pub ports: IntGaugeVec,
+    /// `porthole_visitor_connections_active{service}`.
+    pub visitors_active: IntGaugeVec,
+    /// `porthole_visitor_connections_total{service}`.
+    pub visitors_total: IntCounterVec,
+    /// `porthole_visitor_refusals_total{reason}`.
+    pub refusals: IntCounterVec,
+    /// `porthole_forwarded_bytes_total{service, direction="in|out"}`, counted as connections close.
+    pub bytes: IntCounterVec,
+    /// `porthole_agent_handshake_failures_total{reason}`.
+    pub handshake_failures: IntCounterVec,
+    /// `porthole_agent_registrations_total{kind="join|resume"}`.
+    pub registrations: IntCounterVec,
+    /// `porthole_sessions_created_total`.
+    pub sessions_created: IntCounter,
+    /// `porthole_sessions_revoked_total{reason}`.
+    pub sessions_revoked: IntCounterVec,
+    /// `porthole_instructions_requests_total{outcome}`.
+    pub instructions: IntCounterVec,
+    /// `porthole_session_duration_seconds`, observed at revocation.
+    pub session_duration: Histogram,
+    /// `porthole_time_to_first_visitor_seconds`, from creation to the first forwarded visitor.
+    pub time_to_first_visitor: Histogram,
+    /// `porthole_forwarding_mode{mode}`: 1 for the data plane in use.
+    pub forwarding_mode: IntGaugeVec,
+}
+
+fn gauge_vec(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<IntGaugeVec> {
+    let m = IntGaugeVec::new(Opts::new(name, help), labels)?;
+    r.register(Box::new(m.clone()))?;
+    Ok(m)
+}
+
+fn counter_vec(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<IntCounterVec> {
+    let m = IntCounterVec::new(Opts::new(name, help), labels)?;
+    r.register(Box::new(m.clone()))?;
+    Ok(m)
+}
+
+fn histogram(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    buckets: Vec<f64>,
+) -> prometheus::Result<Histogram> {
+    let m = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))?;
+    r.register(Box::new(m.clone()))?;
+    Ok(m)
+}
+
+impl Metrics {
+    /// Registers every metric in a fresh registry.
+    pub fn new() -> prometheus::Result<Self> {
+        let r = Registry::new();
+        let agents_connected = IntGauge::new(
+            "porthole_agents_connected",
+            "Agents with a live control link",
+        )?;
+        r.register(Box::new(agents_connected.clone()))?;
+        let sessions_created =
+            IntCounter::new("porthole_sessions_created_total", "Sessions created")?;
+        r.register(Box::new(sessions_created.clone()))?;
+        let minutes = vec![
+            60.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 10800.0, 21600.0, 86400.0,
+        ];
+        let m = Self {
+            sessions: gauge_vec(&r, "porthole_sessions", "Sessions by state", &["state"])?,
+            agents_connected,
+            ports: gauge_vec(
+                &r,
+                "porthole_public_ports",
+                "Public ports by status",
+                &["status"],
+            )?,
+            visitors_active: gauge_vec(
+                &r,
+                "porthole_visitor_connections_active",
+                "Open visitor connections",
+                &["service"],
+            )?,
+            visitors_total: counter_vec(
+                &r,
+                "porthole_visitor_connections_total",
+                "Visitor connections forwarded",
+                &["service"],
+            )?,
+            refusals: counter_vec(
+                &r,
+                "porthole_visitor_refusals_total",
+                "Visitor connections refused",
+                &["reason"],
+            )?,
+            bytes: counter_vec(
+                &r,
+                "porthole_forwarded_bytes_total",
+                "Bytes forwarded (counted at close)",
+                &["service", "direction"],
+            )?,
+            handshake_failures: counter_vec(
+                &r,
+                "porthole_agent_handshake_failures_total",
+                "Agent connections refused before registration",
+                &["reason"],
+            )?,
+            registrations: counter_vec(
+                &r,
+                "porthole_agent_registrations_total",
+                "Agent registrations",
+                &["kind"],
+            )?,
+            sessions_created,
+            sessions_revoked: counter_vec(
+                &r,
+                "porthole_sessions_revoked_total",
+                "Sessions revoked",
+                &["reason"],
+            )?,
+            instructions: counter_vec(
+                &r,
+                "porthole_instructions_requests_total",
+                "Instructions requests",
+                &["outcome"],
+            )?,
+            session_duration: histogram(
+                &r,
+                "porthole_session_duration_seconds",
+                "Session lifetime at revocation",
+                minutes,
+            )?,
+            time_to_first_visitor: histogram(
+                &r,
+                "porthole_time_to_first_visitor_seconds",
+                "Creation to first forwarded visitor",
+                vec![5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0],
+            )?,
+            forwarding_mode: gauge_vec(
+                &r,
+                "porthole_forwarding_mode",
+                "Data plane in use",
+                &["mode"],
+            )?,
+            registry: r,
+        };
+        m.forwarding_mode.with_label_values(&["tls"]).set(1);
+        Ok(m)
+    }
+
+    /// Counts an agent connection refused before registration.
+    pub fn handshake_failed(&self, reason: &str) {
+        self.handshake_failures.with_label_values(&[reason]).inc();
+    }
+
+    /// The text exposition, with state gauges refreshed from `relay`.
+    pub fn render(&self, relay: &Relay) -> String {
+        self.refresh(relay);
+        let mut out = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::error!(error = %e, "cannot encode metrics");
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    fn refresh(&self, relay: &Relay) {
+        let states = [
+            SessionState::Pending,
+            SessionState::Active,
+            SessionState::Disconnected,
+            SessionState::Finishing,
+            SessionState::Revoked,
+        ];
+        let mut counts = [0i64; 5];
+        let mut agents = 0;
+        for entry in relay.sessions.iter() {
+            let inner = entry.value().lock();
+            let state = inner.life.state();
+            if let Some(i) = states.iter().position(|s| *s == state) {
+                counts[i] += 1;
+            }
+            agents += i64::from(inner.link.is_some());
+        }
+        for (state, count) in states.iter().zip(counts) {
+            self.sessions
+                .with_label_values(&[state.as_str()])
+                .set(count);
+        }
+        self.agents_connected.set(agents);
+        let pool = relay.pool.counts();
+        for (status, n) in [
+            ("in_use", pool.in_use),
+            ("free", pool.free),
+            ("cooling", pool.cooling),
+        ] {
+            self.ports.with_label_values(&[status]).set(n as i64);
+        }
+    }
+}
