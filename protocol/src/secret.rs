@@ -20,6 +20,18 @@ pub struct Secret(String);
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct SecretHash([u8; 32]);
 
+impl SecretHash {
+    /// The digest bytes (for the relay's state store).
+    pub fn to_bytes(self) -> [u8; 32] {
+        self.0
+    }
+
+    /// A hash read back from the state store.
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        Self(bytes)
+    }
+}
+
 impl Secret {
     /// A new random 256-bit secret, hex-encoded, with a short prefix that tells a person
     /// what kind of secret it is (`phj_` join token, `phr_` resume secret, ...).

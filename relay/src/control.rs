@@ -113,7 +113,11 @@ async fn serve(relay: &Relay, mut framed: AgentFramed, mut reg: Registration) {
                 match frame {
                     Some(Ok(Message::Ping { seq })) => result = framed.send(Message::Pong { seq }).await,
                     Some(Ok(Message::Pong { .. })) => {}
-                    Some(Ok(Message::Finish)) => relay.finish(&session, "agent"),
+                    Some(Ok(Message::Finish)) => {
+                        if let Err(e) = relay.finish(&session, "agent") {
+                            tracing::error!(session_id = %session.id, error = %e, "cannot save the finish");
+                        }
+                    }
                     Some(Ok(Message::OpenFailed { conn_id, reason })) => {
                         tracing::info!(session_id = %session.id, conn_id, %reason, "agent could not reach the local service");
                         session.cancel_open(conn_id);

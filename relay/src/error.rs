@@ -32,6 +32,9 @@ pub enum RelayError {
     /// The self-signed certificate could not be generated.
     #[error("cannot generate a self-signed certificate: {0}")]
     CertGen(#[from] rcgen::Error),
+    /// The state store failed.
+    #[error("state store: {0}")]
+    Store(String),
     /// Every port of the public range is in use or cooling down.
     #[error("no free public port in {range} ({in_use} in use, {cooling} cooling down after revocation): widen --port-range or wait")]
     PoolExhausted {

@@ -9,6 +9,8 @@
 //! - [`bootstrap`]: the data dir on start: TLS certificate (generated if absent), admin token.
 //! - [`shared`]: [`Relay`], the state all tasks share.
 //! - [`lifecycle`]: the pure session state machine and deadlines.
+//! - [`store`]: the embedded state store (redb) that lets sessions survive restarts.
+//! - [`persist`]: sessions to and from the store (write before telling; restore on start).
 //! - [`session`]: one session: facts, lifecycle, agent link, visitors awaiting data.
 //! - [`access`]: credentials and SSH host keys reported by the agent (memory only).
 //! - [`guards`]: allowed source CIDRs and per-source-IP rate limits for visitors.
@@ -39,11 +41,13 @@ pub mod guards;
 pub mod lifecycle;
 pub mod limits;
 pub mod metrics;
+pub mod persist;
 pub mod ports;
 pub mod public;
 pub mod registry;
 pub mod session;
 pub mod shared;
+pub mod store;
 pub mod supervisor;
 pub mod user_token;
 
@@ -145,13 +149,22 @@ pub async fn start(config: RelayConfig) -> Result<RelayHandle, RelayError> {
     let audit = audit::AuditLog::open(&audit_log_path)?;
     let metrics =
         metrics::Metrics::new().map_err(|e| RelayError::Config(format!("metrics: {e}")))?;
+    let store = store::Store::open(&config.data_dir.join("state.redb"))?;
     let relay = Arc::new(Relay::new(
         config,
         boot.admin_token,
         user_tokens,
         audit,
         metrics,
+        store,
     ));
+    let restored = relay.restore()?;
+    if restored > 0 {
+        tracing::info!(
+            sessions = restored,
+            "restored live sessions; their agents resume on their own"
+        );
+    }
     let acceptor = TlsAcceptor::from(boot.tls);
     relay.tasks.spawn(agent_endpoint::serve(
         relay.clone(),

@@ -70,7 +70,7 @@ pub struct LifetimeSettings {
 }
 
 /// Why a session was revoked.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RevokeReason {
     /// No agent joined within the join TTL.
@@ -83,6 +83,8 @@ pub enum RevokeReason {
     AgentLost,
     /// Revoked through the API.
     Deleted,
+    /// A public port could not be bound again when the relay restarted.
+    PortLost,
 }
 
 impl RevokeReason {
@@ -94,6 +96,7 @@ impl RevokeReason {
             RevokeReason::GraceEnded => "grace_ended",
             RevokeReason::AgentLost => "agent_lost",
             RevokeReason::Deleted => "deleted",
+            RevokeReason::PortLost => "port_lost",
         }
     }
 
@@ -107,6 +110,9 @@ impl RevokeReason {
                 "the build machine did not reconnect within the resume window"
             }
             RevokeReason::Deleted => "the session was revoked through the API",
+            RevokeReason::PortLost => {
+                "a public port could not be bound again after a relay restart"
+            }
         }
     }
 }

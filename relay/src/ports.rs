@@ -88,6 +88,39 @@ impl PortPool {
         Ok(got)
     }
 
+    /// Binds exactly these ports (a restarted relay taking back its sessions' ports). All
+    /// or nothing; the error names the port that failed.
+    pub fn claim(&self, ports: &[u16]) -> Result<Vec<(u16, TcpListener)>, (u16, std::io::Error)> {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut got = Vec::with_capacity(ports.len());
+        for &port in ports {
+            if inner.in_use.contains(&port) {
+                let e =
+                    std::io::Error::new(std::io::ErrorKind::AddrInUse, "held by another session");
+                return Err((port, e));
+            }
+            got.push((port, self.bind(port).map_err(|e| (port, e))?));
+        }
+        inner.in_use.extend(ports.iter().copied());
+        Ok(got)
+    }
+
+    /// Marks ports as cooling until `until` (revoked sessions restored after a restart).
+    pub fn cool(&self, ports: &[u16], until: Instant) {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        for port in ports {
+            inner.cooling.insert(*port, until);
+        }
+    }
+
+    /// Returns ports that were never handed to anyone (a failed create): no cooldown.
+    pub fn release_now(&self, ports: &[u16]) {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        for port in ports {
+            inner.in_use.remove(port);
+        }
+    }
+
     /// Returns ports to the pool; they cool down before reuse.
     pub fn release(&self, ports: &[u16]) {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());

@@ -1,7 +1,6 @@
 //! Session operations on the shared [`Relay`]: create, join, resume, finish, revoke.
 
 use std::net::IpAddr;
-use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -16,6 +15,7 @@ use crate::error::RelayError;
 use crate::guards::Guards;
 use crate::lifecycle::{Lifecycle, LifetimePolicy, LifetimeSettings, RevokeReason, SessionState};
 use crate::limits::CONTROL_QUEUE;
+use crate::persist::nonzero;
 use crate::session::{Link, Session, SessionSpec};
 use crate::shared::Relay;
 use crate::{public, supervisor};
@@ -97,7 +97,6 @@ impl Relay {
             resume_window: c.resume_window,
             policy: req.policy,
         };
-        let nz = |n: u32| NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN);
         let spec = SessionSpec {
             id: id.clone(),
             build_id: req.build_id,
@@ -106,13 +105,20 @@ impl Relay {
             join_hash: join_token.hash(),
             guards: Guards::new(
                 req.allow_cidrs,
-                nz(c.visitor_rate_burst),
-                nz(c.visitor_rate_per_minute),
+                nonzero(c.visitor_rate_burst),
+                nonzero(c.visitor_rate_per_minute),
             ),
             max_visitors: req.max_visitors.unwrap_or(c.max_visitors),
         };
         let life = Lifecycle::new(SystemTime::now(), settings);
         let session = Arc::new(Session::new(spec, life, self.cancel.child_token()));
+        // Durable before the API answers; the ports go back if it is not.
+        if let Err(e) = self.persist(&session, &session.lock()) {
+            let ports: Vec<u16> = listeners.iter().map(|(p, _)| *p).collect();
+            drop(listeners);
+            self.pool.release_now(&ports);
+            return Err(e);
+        }
         self.by_join.insert(session.join_hash, id.clone());
         self.sessions.insert(id.clone(), session.clone());
         for ((port, listener), service) in listeners.into_iter().zip(req.services) {
@@ -218,14 +224,25 @@ impl Relay {
             cancel: session.cancel.child_token(),
         };
         let resume_secret = Secret::generate("phr_");
+        let before = (inner.resume_hash, inner.life.clone());
         inner.resume_hash = Some(resume_secret.hash());
-        inner.link = Some(link.clone());
-        inner.access = Some(agent.access.clone());
         if resume {
             inner.life.on_resume()
         } else {
             inner.life.on_join()
         }
+        // The spent join token and the new resume secret are durable before the agent
+        // hears `registered`.
+        if let Err(e) = self.persist(&session, &inner) {
+            (inner.resume_hash, inner.life) = before;
+            tracing::error!(session_id = %session.id, error = %e, "cannot save the registration");
+            return Err((
+                ErrorCode::Internal,
+                "the relay could not save the session; retrying may help".into(),
+            ));
+        }
+        inner.link = Some(link.clone());
+        inner.access = Some(agent.access.clone());
         drop(inner);
         session.changed.notify_one();
         let kind = if resume { "resume" } else { "join" };
@@ -253,10 +270,15 @@ impl Relay {
 
     /// The build finished (`by`: `agent` or `api`): start the grace period and tell the
     /// agent the new deadline.
-    pub fn finish(&self, session: &Session, by: &'static str) {
+    pub fn finish(&self, session: &Session, by: &'static str) -> Result<(), RelayError> {
         let mut inner = session.lock();
+        let before = inner.life.finish_deadline;
         if !inner.life.on_finish(SystemTime::now()) {
-            return;
+            return Ok(());
+        }
+        if let Err(e) = self.persist(session, &inner) {
+            inner.life.finish_deadline = before;
+            return Err(e);
         }
         self.audit.record(AuditEvent::SessionFinished {
             session_id: session.id.clone(),
@@ -276,6 +298,7 @@ impl Relay {
                 tracing::debug!(session_id = %session.id, "could not queue deadline update for the agent");
             }
         }
+        Ok(())
     }
 
     /// Revokes a session: listeners, agent link and every visitor connection close; its
@@ -288,6 +311,10 @@ impl Relay {
             }
             // Passwords are forgotten at revocation.
             inner.access = None;
+            // Revocation stands even if the store fails: access ends now either way.
+            if let Err(e) = self.persist(session, &inner) {
+                tracing::error!(session_id = %session.id, error = %e, "cannot save the revocation");
+            }
             inner.life.created_at
         };
         self.metrics
@@ -313,6 +340,9 @@ impl Relay {
         if session.lock().life.state() == SessionState::Revoked {
             self.sessions.remove(&session.id);
             self.by_join.remove(&session.join_hash);
+            if let Err(e) = self.store.remove(&session.id) {
+                tracing::warn!(session_id = %session.id, error = %e, "cannot remove a purged session from the store");
+            }
         }
     }
 }

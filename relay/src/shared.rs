@@ -12,6 +12,7 @@ use crate::config::RelayConfig;
 use crate::metrics::Metrics;
 use crate::ports::PortPool;
 use crate::session::Session;
+use crate::store::Store;
 use crate::user_token::UserTokens;
 
 /// The relay: settings, sessions, ports, and the owner of every task.
@@ -35,6 +36,8 @@ pub struct Relay {
     pub audit: AuditLog,
     /// Prometheus metrics.
     pub metrics: Metrics,
+    /// The state store.
+    pub store: Store,
     /// Cancelled at shutdown; every session's token is a child.
     pub cancel: CancellationToken,
     /// Every spawned task, so shutdown can wait for them.
@@ -49,6 +52,7 @@ impl Relay {
         user_tokens: UserTokens,
         audit: AuditLog,
         metrics: Metrics,
+        store: Store,
     ) -> Self {
         let pool = PortPool::new(config.port_range, config.public_bind, config.port_cooldown);
         Self {
@@ -61,6 +65,7 @@ impl Relay {
             user_tokens,
             audit,
             metrics,
+            store,
             cancel: CancellationToken::new(),
             tasks: TaskTracker::new(),
         }

@@ -9,6 +9,7 @@ pub mod echo;
 pub mod peers;
 pub mod proxy;
 pub mod relay;
+pub mod relay_process;
 
 use std::time::{Duration, Instant};
 

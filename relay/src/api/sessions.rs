@@ -254,7 +254,7 @@ pub async fn finish(
     Path(id): Path<String>,
 ) -> Result<Json<SessionView>, ApiError> {
     let session = find(&relay, &id)?;
-    relay.finish(&session, "api");
+    relay.finish(&session, "api")?;
     Ok(Json(SessionView::of(&session)))
 }
 

@@ -1,0 +1,132 @@
+//! The real `porthole-relay` binary as a child process, for tests that kill it (`SIGKILL`)
+//! and start it again on the same data dir and ports.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use serde_json::Value;
+
+/// The relay binary, built beside the test binaries (`cargo build --workspace` or
+/// `scripts/test.sh` builds it).
+pub fn binary() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().and_then(Path::parent).context("test binary has no target dir")?;
+    let relay = dir.join("porthole-relay");
+    if !relay.exists() {
+        bail!("{} is missing: build it with `cargo build -p porthole-relay` (scripts/test.sh does)", relay.display());
+    }
+    Ok(relay)
+}
+
+/// A free loopback port (bound and released).
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Fixed addresses and data dir, so a restarted relay comes back at the same place.
+pub struct RelaySetup {
+    /// Data dir.
+    pub data: tempfile::TempDir,
+    /// Agent endpoint port.
+    pub agent_port: u16,
+    /// API port.
+    pub api_port: u16,
+    /// Public port range.
+    pub range: String,
+}
+
+impl RelaySetup {
+    /// Fresh ports and data dir.
+    pub fn new() -> anyhow::Result<Self> {
+        let base = 26000 + (rand::random::<u16>() % 150) * 20;
+        Ok(Self {
+            data: tempfile::tempdir()?,
+            agent_port: free_port()?,
+            api_port: free_port()?,
+            range: format!("{base}-{}", base + 19),
+        })
+    }
+
+    /// Starts the relay and waits for its banner.
+    pub fn start(&self) -> anyhow::Result<RelayProcess> {
+        let mut child = Command::new(binary()?)
+            .arg("--data-dir")
+            .arg(self.data.path())
+            .args(["--agent-listen", &format!("127.0.0.1:{}", self.agent_port)])
+            .args(["--api-listen", &format!("127.0.0.1:{}", self.api_port)])
+            .args(["--public-host", "127.0.0.1", "--public-bind", "127.0.0.1"])
+            .args(["--port-range", &self.range, "--heartbeat-interval", "1s"])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting porthole-relay")?;
+        let out = child.stdout.take().context("relay stdout")?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            // Keep draining after the banner: a closed pipe would make the relay's next
+            // write fail.
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let mut pin = None;
+        let mut process = RelayProcess { child, pin: String::new(), api: format!("http://127.0.0.1:{}", self.api_port) };
+        while pin.is_none() {
+            let line = rx.recv_timeout(Duration::from_secs(20)).context("relay did not print its banner")?;
+            if let Some(fp) = line.trim().strip_prefix("SHA-256") {
+                pin = Some(fp.trim().to_owned());
+            }
+        }
+        process.pin = pin.unwrap_or_default();
+        Ok(process)
+    }
+
+    /// The admin token the relay created.
+    pub fn admin_token(&self) -> anyhow::Result<String> {
+        Ok(std::fs::read_to_string(self.data.path().join("admin.token"))?.trim().to_owned())
+    }
+
+    /// An API client with the admin token.
+    pub fn http(&self) -> anyhow::Result<reqwest::blocking::Client> {
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(reqwest::header::AUTHORIZATION, format!("Bearer {}", self.admin_token()?).parse()?);
+        Ok(reqwest::blocking::Client::builder().default_headers(headers).timeout(Duration::from_secs(10)).build()?)
+    }
+}
+
+/// A running relay process.
+pub struct RelayProcess {
+    /// The child.
+    child: Child,
+    /// Its certificate pin.
+    pub pin: String,
+    /// API base URL.
+    pub api: String,
+}
+
+impl RelayProcess {
+    /// `kill -9`.
+    pub fn kill9(&mut self) -> anyhow::Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+
+    /// GET a session.
+    pub fn session(&self, http: &reqwest::blocking::Client, id: &str) -> anyhow::Result<Value> {
+        Ok(http.get(format!("{}/v1/sessions/{id}", self.api)).send()?.error_for_status()?.json()?)
+    }
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,102 @@
+//! Sessions survive a relay restart, even `kill -9`: the agent resumes by itself, the same
+//! port serves SSH again, and deadlines are kept (one that passed while the relay was down
+//! revokes at once).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{ensure, Context as _};
+use common::agent::Agent;
+use common::peers::sshd::Sshd;
+use common::peers::tools::run_with_timeout;
+use common::relay_process::RelaySetup;
+use common::{port_refuses, wait_for};
+use serde_json::{json, Value};
+
+fn create(setup: &RelaySetup, api: &str, body: Value) -> anyhow::Result<(String, String, u16)> {
+    let v: Value = setup.http()?.post(format!("{api}/v1/sessions")).json(&body).send()?.error_for_status()?.json()?;
+    let port = v["endpoints"][0]["port"].as_u64().context("port")? as u16;
+    Ok((v["session_id"].as_str().context("id")?.into(), v["join_token"].as_str().context("token")?.into(), port))
+}
+
+#[test]
+fn kill9_mid_transfer_then_restart_resumes_on_the_same_port() -> anyhow::Result<()> {
+    let sshd = Sshd::start()?;
+    let setup = RelaySetup::new()?;
+    let mut relay = setup.start()?;
+    let body = json!({"build_id": "b", "app_id": "a", "services": ["ssh"]});
+    let (id, token, port) = create(&setup, &relay.api, body)?;
+    let agent = Agent::start_to(
+        &format!("127.0.0.1:{}", setup.agent_port),
+        &relay.pin,
+        &token,
+        &[format!("ssh=127.0.0.1:{}", sshd.port)],
+    )?;
+    agent.wait_registered()?;
+    let http = setup.http()?;
+    let before = relay.session(&http, &id)?;
+    assert_eq!(before["state"], "active");
+
+    // A visitor in the middle of a long transfer when the relay dies.
+    let mut transfer = sshd.ssh("127.0.0.1", port);
+    let mut transfer = transfer.arg("head -c 2000000000 /dev/zero").stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    let mut out = transfer.stdout.take().context("stdout")?;
+    let mut first = vec![0u8; 1 << 20];
+    if let Err(e) = std::io::Read::read_exact(&mut out, &mut first) {
+        let _ = transfer.kill();
+        let mut err = String::new();
+        if let Some(mut stderr) = transfer.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut stderr, &mut err);
+        }
+        anyhow::bail!("transfer did not start ({e}): ssh said: {err}\nagent:\n{}", agent.output());
+    }
+    relay.kill9()?;
+    drop(out);
+    let _ = transfer.kill();
+
+    let relay = setup.start()?;
+    agent.wait_line("resumed session", Duration::from_secs(30))?;
+    let after = wait_for("the session to be active again", Duration::from_secs(20), || {
+        relay.session(&http, &id).ok().filter(|v| v["state"] == "active")
+    })?;
+    for field in ["deadline", "expires_at", "created_at", "endpoints"] {
+        assert_eq!(after[field], before[field], "{field} must survive the restart");
+    }
+    let ok = run_with_timeout(sshd.ssh("127.0.0.1", port).arg("echo after restart"), Duration::from_secs(30))?;
+    ensure!(ok.status.success(), "ssh after restart failed: {}", ok.stderr);
+    assert_eq!(ok.stdout_text(), "after restart\n");
+    Ok(())
+}
+
+#[test]
+fn deadline_passed_while_down_revokes_on_start() -> anyhow::Result<()> {
+    let sshd = Sshd::start()?;
+    let setup = RelaySetup::new()?;
+    let mut relay = setup.start()?;
+    let body = json!({"build_id": "b", "app_id": "a", "services": ["ssh"], "max_lifetime_secs": 3});
+    let (id, token, port) = create(&setup, &relay.api, body)?;
+    let mut agent = Agent::start_to(
+        &format!("127.0.0.1:{}", setup.agent_port),
+        &relay.pin,
+        &token,
+        &[format!("ssh=127.0.0.1:{}", sshd.port)],
+    )?;
+    agent.wait_registered()?;
+    relay.kill9()?;
+    // The hard cap passes while the relay is down.
+    std::thread::sleep(Duration::from_secs(4));
+    let relay = setup.start()?;
+    let http = setup.http()?;
+    let view = wait_for("the session to be revoked", Duration::from_secs(10), || {
+        relay.session(&http, &id).ok().filter(|v| v["state"] == "revoked")
+    })?;
+    assert_eq!(view["revoke_reason"], "hard_cap");
+    ensure!(port_refuses(port), "the port of a revoked session must refuse connections");
+    let status = agent.wait_exit(Duration::from_secs(30))?;
+    ensure!(status.success(), "agent exits 0 once it learns the session is over:\n{}", agent.output());
+    Ok(())
+}

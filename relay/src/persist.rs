@@ -1,0 +1,133 @@
+//! Sessions to and from the state store: each change a peer is told about is written first
+//! ([`Relay::persist`]); on start, stored sessions come back ([`Relay::restore`]) with their
+//! ports rebound, their deadlines kept, and their agents expected to resume.
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use crate::error::RelayError;
+use crate::guards::Guards;
+use crate::lifecycle::RevokeReason;
+use crate::session::{Session, SessionInner, SessionSpec};
+use crate::shared::Relay;
+use crate::store::{hash_from_hex, hash_hex, StoredSession, FORMAT};
+use crate::{public, supervisor};
+
+impl Relay {
+    /// Writes the session as `inner` describes it, durably.
+    pub fn persist(&self, session: &Session, inner: &SessionInner) -> Result<(), RelayError> {
+        let mut record = StoredSession {
+            format: FORMAT,
+            id: session.id.clone(),
+            build_id: session.build_id.clone(),
+            app_id: session.app_id.clone(),
+            endpoints: session.endpoints.clone(),
+            join_hash: hash_hex(session.join_hash),
+            resume_hash: inner.resume_hash.map(hash_hex),
+            allow_cidrs: session.guards.allow_cidrs().to_vec(),
+            max_visitors: session.max_visitors,
+            created_at_ms: 0,
+            join_by_ms: 0,
+            hard_cap_ms: 0,
+            grace_ms: 0,
+            resume_window_ms: 0,
+            policy: inner.life.policy,
+            joined: false,
+            finish_deadline_ms: None,
+            revoked: None,
+        };
+        record.set_lifecycle(&inner.life);
+        self.store.put(&record)
+    }
+
+    /// Brings back every stored session: live ones get their ports rebound (a port that
+    /// cannot be bound revokes its session) and their supervisors restarted, so deadlines
+    /// that passed while the relay was down revoke at once; revoked ones stay visible until
+    /// their retention ends and their ports finish cooling down. Returns how many sessions
+    /// are live.
+    pub fn restore(self: &Arc<Self>) -> Result<usize, RelayError> {
+        let now = SystemTime::now();
+        let mut live = 0;
+        for record in self.store.load_all()? {
+            let life = record.lifecycle(now);
+            if let Some((_, revoked_at)) = life.revoked {
+                let age = now.duration_since(revoked_at).unwrap_or_default();
+                if age >= self.config.revoked_retention {
+                    self.store.remove(&record.id)?;
+                    continue;
+                }
+                let rest = self.config.port_cooldown.saturating_sub(age);
+                let ports: Vec<u16> = record.endpoints.iter().map(|e| e.port).collect();
+                self.pool.cool(&ports, Instant::now() + rest);
+            }
+            let session = Arc::new(self.session_from(&record)?);
+            session.lock().life = life;
+            self.by_join.insert(session.join_hash, session.id.clone());
+            self.sessions.insert(session.id.clone(), session.clone());
+            let due = session.lock().life.due(now);
+            if let Some(reason) = due {
+                // The deadline passed while the relay was down: revoke before serving.
+                self.revoke(&session, reason);
+            } else if session.lock().life.revoked.is_none() {
+                match self.pool.claim(&session.ports()) {
+                    Ok(listeners) => {
+                        live += 1;
+                        for ((port, listener), endpoint) in
+                            listeners.into_iter().zip(&session.endpoints)
+                        {
+                            let task = public::serve_port(
+                                self.clone(),
+                                session.clone(),
+                                endpoint.service,
+                                port,
+                                listener,
+                            );
+                            self.tasks.spawn(task);
+                        }
+                    }
+                    Err((port, e)) => {
+                        tracing::error!(session_id = %session.id, port, error = %e, "cannot rebind a session port");
+                        self.revoke(&session, RevokeReason::PortLost);
+                    }
+                }
+            }
+            self.tasks.spawn(supervisor::run(self.clone(), session));
+        }
+        Ok(live)
+    }
+
+    fn session_from(&self, r: &StoredSession) -> Result<Session, RelayError> {
+        let bad = |what: &str| RelayError::Store(format!("session {}: bad {what}", r.id));
+        let join_hash = hash_from_hex(&r.join_hash).ok_or_else(|| bad("join hash"))?;
+        let resume_hash = match &r.resume_hash {
+            Some(h) => Some(hash_from_hex(h).ok_or_else(|| bad("resume hash"))?),
+            None => None,
+        };
+        let c = &self.config;
+        let spec = SessionSpec {
+            id: r.id.clone(),
+            build_id: r.build_id.clone(),
+            app_id: r.app_id.clone(),
+            endpoints: r.endpoints.clone(),
+            join_hash,
+            guards: Guards::new(
+                r.allow_cidrs.clone(),
+                nonzero(c.visitor_rate_burst),
+                nonzero(c.visitor_rate_per_minute),
+            ),
+            max_visitors: r.max_visitors,
+        };
+        let session = Session::new(
+            spec,
+            r.lifecycle(SystemTime::now()),
+            self.cancel.child_token(),
+        );
+        session.lock().resume_hash = resume_hash;
+        Ok(session)
+    }
+}
+
+/// A rate setting as the non-zero the limiter needs (validated non-zero at start).
+pub fn nonzero(n: u32) -> std::num::NonZeroU32 {
+    std::num::NonZeroU32::new(n).unwrap_or(std::num::NonZeroU32::MIN)
+}
