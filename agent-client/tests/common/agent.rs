@@ -33,6 +33,27 @@ impl Agent {
         Self::start_to(&relay.agent_addr(), &relay.pin(), token, services)
     }
 
+    /// Like [`Agent::start`], with more flags (e.g. `--ssh-user`, `--ssh-password-file`).
+    pub fn start_with_args(
+        relay: &TestRelay,
+        token: &str,
+        services: &[String],
+        extra: &[String],
+    ) -> anyhow::Result<Self> {
+        let mut args = vec![
+            "--relay".to_owned(),
+            relay.agent_addr(),
+            "--pin-sha256".into(),
+            relay.pin(),
+        ];
+        for s in services {
+            args.push("--service".into());
+            args.push(s.clone());
+        }
+        args.extend(extra.iter().cloned());
+        Self::spawn(&args, token)
+    }
+
     /// Starts an agent against any relay address and pin.
     pub fn start_to(
         relay: &str,

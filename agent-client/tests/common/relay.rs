@@ -139,6 +139,129 @@ impl TestRelay {
         })
     }
 
+    /// `POST /v1/sessions` with `services` and the fields of `extra` (an object, e.g.
+    /// `{"allow_cidrs": ["127.0.0.1/32"]}`); expects 201.
+    pub fn create_with(&self, services: &[&str], extra: Value) -> anyhow::Result<Created> {
+        let mut body = json!({ "build_id": "build-42", "app_id": "app-7", "services": services });
+        if let (Some(body), Some(extra)) = (body.as_object_mut(), extra.as_object()) {
+            body.extend(extra.clone());
+        }
+        let resp = self
+            .http
+            .post(format!("{}/v1/sessions", self.api))
+            .json(&body)
+            .send()?;
+        let status = resp.status();
+        let v: Value = resp.json()?;
+        if status.as_u16() != 201 {
+            bail!("create session answered {status}: {v}");
+        }
+        Ok(Created {
+            id: v["session_id"].as_str().context("session_id")?.to_owned(),
+            token: v["join_token"].as_str().context("join_token")?.to_owned(),
+            ports: v["endpoints"]
+                .as_array()
+                .context("endpoints")?
+                .iter()
+                .map(|e| {
+                    (
+                        e["service"].as_str().unwrap_or("").to_owned(),
+                        e["port"].as_u64().unwrap_or(0) as u16,
+                    )
+                })
+                .collect(),
+        })
+    }
+
+    /// The secret user tokens are signed with (the relay's `user-token.secret`).
+    pub fn user_token_secret(&self) -> anyhow::Result<Vec<u8>> {
+        let path = &self.handle.info.user_token_secret_path;
+        let (secret, _) = porthole_relay::user_token::load_or_create_secret(path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        Ok(secret)
+    }
+
+    /// A valid user token (10 minutes) for `sub` on `app_id` with `roles` (one role is
+    /// sent as a string, several as a list).
+    pub fn user_token(&self, sub: &str, app_id: &str, roles: &[&str]) -> anyhow::Result<String> {
+        use porthole_relay::user_token::{mint, Roles};
+        let role = match roles {
+            [one] => Roles::One((*one).to_owned()),
+            many => Roles::Many(many.iter().map(|r| (*r).to_owned()).collect()),
+        };
+        mint(
+            &self.user_token_secret()?,
+            sub,
+            app_id,
+            role,
+            Duration::from_secs(600),
+        )
+        .map_err(anyhow::Error::msg)
+    }
+
+    /// `GET /v1/sessions/{id}/instructions` with `Authorization: Bearer <bearer>` (none
+    /// when `None`), without the admin token.
+    pub fn instructions(&self, id: &str, bearer: Option<&str>) -> anyhow::Result<ApiAnswer> {
+        let mut req = reqwest::blocking::Client::new()
+            .get(format!("{}/v1/sessions/{id}/instructions", self.api))
+            .timeout(Duration::from_secs(20));
+        if let Some(token) = bearer {
+            req = req.bearer_auth(token);
+        }
+        ApiAnswer::of(req.send()?)
+    }
+
+    /// The audit log as written so far.
+    pub fn audit_log(&self) -> anyhow::Result<String> {
+        let path = &self.handle.info.audit_log_path;
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+    }
+
+    /// The audit log's lines, each checked to be a JSON object with `ts` and `event`.
+    pub fn audit_lines(&self) -> anyhow::Result<Vec<Value>> {
+        let text = self.audit_log()?;
+        let mut lines = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            let v: Value = serde_json::from_str(line)
+                .with_context(|| format!("audit line {} is not JSON: {line}", i + 1))?;
+            if !v["ts"].is_string() || !v["event"].is_string() {
+                bail!("audit line {} lacks `ts` or `event`: {line}", i + 1);
+            }
+            lines.push(v);
+        }
+        Ok(lines)
+    }
+
+    /// Opens a TCP connection to 127.0.0.1:`port` from the local address `source` (any
+    /// 127.0.0.0/8 address works on Linux loopback), as a blocking std stream.
+    pub fn connect_from(
+        &self,
+        source: std::net::IpAddr,
+        port: u16,
+    ) -> anyhow::Result<std::net::TcpStream> {
+        let stream = self
+            .rt
+            .block_on(async {
+                let socket = match source {
+                    std::net::IpAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+                    std::net::IpAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+                };
+                socket.bind((source, 0).into())?;
+                tokio::time::timeout(
+                    Duration::from_secs(10),
+                    socket.connect(([127, 0, 0, 1], port).into()),
+                )
+                .await
+                .map_err(|_| {
+                    std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
+                })?
+            })
+            .with_context(|| format!("connecting to 127.0.0.1:{port} from {source}"))?;
+        let stream = stream.into_std()?;
+        stream.set_nonblocking(false)?;
+        Ok(stream)
+    }
+
     /// `GET /v1/sessions/{id}`.
     pub fn get(&self, id: &str) -> anyhow::Result<Value> {
         Ok(self
@@ -179,6 +302,34 @@ impl TestRelay {
             .send()?
             .error_for_status()?
             .json()?)
+    }
+}
+
+/// An API answer: status, `Cache-Control` header and JSON body.
+#[derive(Debug, Clone)]
+pub struct ApiAnswer {
+    /// HTTP status code.
+    pub status: u16,
+    /// The `Cache-Control` header, if any.
+    pub cache_control: Option<String>,
+    /// The body (`Null` when it is not JSON).
+    pub body: Value,
+}
+
+impl ApiAnswer {
+    fn of(resp: reqwest::blocking::Response) -> anyhow::Result<Self> {
+        let status = resp.status().as_u16();
+        let cache_control = resp
+            .headers()
+            .get(reqwest::header::CACHE_CONTROL)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let text = resp.text()?;
+        Ok(Self {
+            status,
+            cache_control,
+            body: serde_json::from_str(&text).unwrap_or(Value::Null),
+        })
     }
 }
 

@@ -17,8 +17,20 @@ const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// How many ports are tried when another process steals the free port.
 const BIND_ATTEMPTS: u32 = 5;
 
-/// A running OpenSSH server that accepts only a freshly generated ed25519
-/// client key, for the current user. Killed (and reaped) on drop.
+/// How [`Sshd::start_with`] sets sshd up.
+#[derive(Debug, Clone, Default)]
+pub struct SshdOptions {
+    /// Also accept password authentication (`PasswordAuthentication yes`,
+    /// keyboard-interactive off, no PAM: sshd checks `/etc/shadow` itself,
+    /// which needs sshd to run as root).
+    pub password_auth: bool,
+    /// The only user allowed to log in [default: the one running the tests].
+    pub user: Option<String>,
+}
+
+/// A running OpenSSH server that accepts a freshly generated ed25519 client
+/// key (and, with [`SshdOptions::password_auth`], passwords), for one user.
+/// Killed (and reaped) on drop.
 #[derive(Debug)]
 pub struct Sshd {
     /// Loopback port sshd listens on (127.0.0.1 only).
@@ -41,10 +53,21 @@ impl Sshd {
     /// the error then includes sshd's log). Retries on another port if the
     /// chosen one was taken in the meantime.
     pub fn start() -> anyhow::Result<Sshd> {
+        Self::start_with(SshdOptions::default())
+    }
+
+    /// Like [`Sshd::start`], with `options`.
+    pub fn start_with(options: SshdOptions) -> anyhow::Result<Sshd> {
         let sshd = require("sshd", "openssh-server")?;
         let keygen = require("ssh-keygen", "openssh-client")?;
         let ssh = require("ssh", "openssh-client")?;
-        let user = tools::current_user()?;
+        let user = match options.user {
+            Some(user) => user,
+            None => tools::current_user()?,
+        };
+        if options.password_auth && !tools::is_root()? {
+            bail!("sshd checks passwords against /etc/shadow only when it runs as root: run the tests as root");
+        }
         if tools::is_root()? {
             ensure_privsep_dir()?;
             reject_locked_account(&user)?;
@@ -73,14 +96,16 @@ impl Sshd {
              StrictModes no\n\
              UsePAM no\n\
              PubkeyAuthentication yes\n\
-             PasswordAuthentication no\n\
+             PasswordAuthentication {password}\n\
              KbdInteractiveAuthentication no\n\
+             PermitEmptyPasswords no\n\
              PermitRootLogin prohibit-password\n\
              PrintMotd no\n\
              LogLevel VERBOSE\n",
             host_key = q(&host_key),
             pid = q(&dir.path().join("sshd.pid")),
             authorized_keys = q(&authorized_keys),
+            password = if options.password_auth { "yes" } else { "no" },
         );
         fs::write(&config, text).context("writing sshd_config")?;
 
@@ -141,6 +166,12 @@ impl Sshd {
     /// (`ssh-ed25519 AAAA... comment`).
     pub fn host_public_key(&self) -> String {
         self.host_public_key.clone()
+    }
+
+    /// The `.pub` file holding [`Sshd::host_public_key`] (for the agent's
+    /// `--ssh-host-key-file`).
+    pub fn host_public_key_file(&self) -> PathBuf {
+        self.dir.path().join("host_ed25519.pub")
     }
 
     /// Scratch directory owned by this server (keys, config, log).
@@ -279,4 +310,123 @@ fn generate_key(keygen: &Path, path: &Path) -> anyhow::Result<()> {
 
 fn read(path: &Path) -> anyhow::Result<String> {
     fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+}
+
+/// A Linux account that logs in with a password, for tests of password
+/// authentication through the relay.
+#[derive(Debug, Clone)]
+pub struct PasswordUser {
+    /// Login name.
+    pub name: String,
+    /// Its password (random, set once per test process).
+    pub password: String,
+}
+
+/// Name of the account [`password_user`] creates.
+pub const PASSWORD_USER: &str = "porthole-e2e";
+
+/// The account `porthole-e2e`, created if absent (`useradd --create-home
+/// --shell /bin/sh`), with a fresh random password set by `chpasswd`, once per
+/// test process. Needs root: otherwise an error says so (tests fail, never skip).
+///
+/// Two test processes running at once would each set their own password; the
+/// test binaries of one `cargo test` run one after another, so that does not
+/// happen there.
+pub fn password_user() -> anyhow::Result<PasswordUser> {
+    static USER: std::sync::OnceLock<Result<PasswordUser, String>> = std::sync::OnceLock::new();
+    USER.get_or_init(|| create_password_user().map_err(|e| format!("{e:#}")))
+        .clone()
+        .map_err(anyhow::Error::msg)
+}
+
+/// `sshpass -e ssh ... USER@HOST` (append the remote command): password
+/// authentication only (no keys, no agent), strict host key checking against
+/// exactly `known_hosts`, OpenSSH config files ignored. The password goes in
+/// the `SSHPASS` variable, never in argv.
+pub fn password_ssh(
+    host: &str,
+    port: u16,
+    user: &str,
+    password: &str,
+    known_hosts: &Path,
+) -> anyhow::Result<Command> {
+    let sshpass = require("sshpass", "sshpass")?;
+    let ssh = require("ssh", "openssh-client")?;
+    let mut cmd = Command::new(sshpass);
+    cmd.env("SSHPASS", password)
+        .arg("-e")
+        .arg(ssh)
+        .args(["-F", "none", "-p", &port.to_string()])
+        .args(["-o", "StrictHostKeyChecking=yes"])
+        .arg("-o")
+        .arg(format!("UserKnownHostsFile={}", known_hosts.display()))
+        .args([
+            "-o",
+            "GlobalKnownHostsFile=/dev/null",
+            "-o",
+            "UpdateHostKeys=no",
+        ])
+        .args(["-o", "PreferredAuthentications=password"])
+        .args(["-o", "PubkeyAuthentication=no", "-o", "IdentityAgent=none"])
+        .args(["-o", "NumberOfPasswordPrompts=1", "-o", "ConnectTimeout=10"])
+        .args(["-o", "LogLevel=ERROR"])
+        .arg(format!("{user}@{host}"));
+    Ok(cmd)
+}
+
+fn create_password_user() -> anyhow::Result<PasswordUser> {
+    if !tools::is_root()? {
+        bail!(
+            "this test needs root to create the Linux user {PASSWORD_USER} (useradd, chpasswd) \
+             that sshd authenticates with a password: run it as root"
+        );
+    }
+    let exists = Command::new("id")
+        .args(["-u", PASSWORD_USER])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .context("running `id`")?
+        .success();
+    if !exists {
+        let useradd = require("useradd", "passwd")?;
+        let done = tools::run_with_timeout(
+            Command::new(useradd).args(["--create-home", "--shell", "/bin/sh", PASSWORD_USER]),
+            Duration::from_secs(30),
+        )?;
+        // Another process may have created it meanwhile (exit 9: already exists).
+        if !done.status.success() && done.status.code() != Some(9) {
+            bail!(
+                "useradd {PASSWORD_USER} failed ({}): {}",
+                done.status,
+                done.stderr
+            );
+        }
+    }
+    let password: String = {
+        use rand::Rng as _;
+        const CHARS: &[u8] = b"abcdefghijkmnopqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789";
+        let mut rng = rand::thread_rng();
+        (0..24)
+            .map(|_| char::from(CHARS[rng.gen_range(0..CHARS.len())]))
+            .collect()
+    };
+    let chpasswd = require("chpasswd", "passwd")?;
+    // The password goes on stdin, never in argv.
+    let done = tools::run_with_input(
+        &mut Command::new(chpasswd),
+        format!("{PASSWORD_USER}:{password}\n").as_bytes(),
+        Duration::from_secs(30),
+    )?;
+    if !done.status.success() {
+        bail!(
+            "chpasswd for {PASSWORD_USER} failed ({}): {}",
+            done.status,
+            done.stderr
+        );
+    }
+    Ok(PasswordUser {
+        name: PASSWORD_USER.to_owned(),
+        password,
+    })
 }

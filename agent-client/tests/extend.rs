@@ -1,0 +1,170 @@
+//! `extend_while_connected` end to end: a connected visitor keeps a finished session open
+//! past its grace deadline, the last visitor leaving starts a fresh grace, and the hard cap
+//! still ends the session and cuts the visitor.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::{IpAddr, Ipv4Addr, Shutdown, TcpStream};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{ensure, Context as _};
+use common::agent::Agent;
+use common::echo::{echo_on, wait_cut};
+use common::relay::{Created, TestRelay};
+use common::wait_for;
+use serde_json::{json, Value};
+
+const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
+/// A session with `extra` settings, its agent forwarding `ssh` to an echo service, and one
+/// visitor connected through it (checked alive).
+fn session_with_visitor(
+    relay: &TestRelay,
+    extra: Value,
+) -> anyhow::Result<(Created, Agent, TcpStream)> {
+    let echo = common::echo::start()?;
+    let created = relay.create_with(&["ssh"], extra)?;
+    let agent = Agent::start(relay, &created.token, &[format!("ssh=127.0.0.1:{echo}")])?;
+    agent.wait_registered()?;
+    let mut visitor = relay.connect_from(LOCALHOST, created.port("ssh"))?;
+    echo_on(&mut visitor, b"hello\n").context("the visitor's first echo")?;
+    wait_visitors(relay, &created.id, 1)?;
+    Ok((created, agent, visitor))
+}
+
+/// Waits until the API counts `n` visitors on the session.
+fn wait_visitors(relay: &TestRelay, id: &str, n: u64) -> anyhow::Result<Value> {
+    wait_for(
+        &format!("{n} visitors on session {id}"),
+        Duration::from_secs(10),
+        || {
+            relay
+                .get(id)
+                .ok()
+                .filter(|v| v["visitors"].as_u64() == Some(n))
+        },
+    )
+}
+
+/// A timestamp field of the API.
+fn time(view: &Value, field: &str) -> anyhow::Result<SystemTime> {
+    let text = view[field]
+        .as_str()
+        .with_context(|| format!("`{field}` in {view}"))?;
+    humantime::parse_rfc3339(text).with_context(|| format!("`{field}` = {text}"))
+}
+
+/// The audit log has the session's finish and its revocation with `reason`; every line parses.
+fn audited_revocation(relay: &TestRelay, id: &str, reason: &str) -> anyhow::Result<()> {
+    let lines = relay.audit_lines()?;
+    let log = relay.audit_log()?;
+    let has = |event: &str, check: &dyn Fn(&Value) -> bool| {
+        lines
+            .iter()
+            .any(|l| l["event"] == event && l["session_id"] == id && check(l))
+    };
+    ensure!(
+        has("session_finished", &|l| l["by"] == "api"),
+        "no session_finished line:\n{log}"
+    );
+    ensure!(
+        has("session_revoked", &|l| l["reason"] == reason),
+        "no session_revoked line with reason {reason}:\n{log}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_connected_visitor_holds_the_session_and_leaving_starts_a_fresh_grace() -> anyhow::Result<()> {
+    let relay = TestRelay::start()?;
+    let (created, _agent, mut visitor) = session_with_visitor(
+        &relay,
+        json!({ "grace_secs": 2, "extend_while_connected": true }),
+    )?;
+    let id = &created.id;
+    let view = relay.get(id)?;
+    assert_eq!(view["lifetime_policy"], "extend_while_connected", "{view}");
+
+    let view = relay.finish(id)?;
+    assert_eq!(view["state"], "finishing", "{view}");
+    assert_eq!(
+        view["deadline"], view["expires_at"],
+        "with a visitor connected only the hard cap applies: {view}"
+    );
+    let token = relay.user_token("u-dev", "app-7", &["developer"])?;
+    let instructions = relay.instructions(id, Some(&token))?;
+    assert_eq!(instructions.status, 200, "{}", instructions.body);
+    assert_eq!(
+        instructions.body["available_until"], view["expires_at"],
+        "users are told the effective deadline: {}",
+        instructions.body
+    );
+    assert_eq!(
+        instructions.body["lifetime_policy"], "extend_while_connected",
+        "{}",
+        instructions.body
+    );
+
+    // Twice the grace period: the session stays open while the visitor is connected.
+    let held_from = Instant::now();
+    let mut polls = 0;
+    while held_from.elapsed() < Duration::from_secs(4) {
+        let view = relay.get(id)?;
+        ensure!(
+            view["state"] == "finishing" && view["visitors"] == 1,
+            "after {:?} the session should still be finishing with its visitor: {view}",
+            held_from.elapsed()
+        );
+        polls += 1;
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    ensure!(polls >= 8, "polled only {polls} times in 4 s");
+    echo_on(&mut visitor, b"still here\n").context("the visitor after 4 s")?;
+
+    // The visitor leaves: a fresh grace starts now, it does not end at once.
+    visitor.shutdown(Shutdown::Both)?;
+    drop(visitor);
+    let view = wait_visitors(&relay, id, 0)?;
+    let left_at = SystemTime::now();
+    assert_eq!(
+        view["state"], "finishing",
+        "a fresh grace must start when the last visitor leaves: {view}"
+    );
+    let deadline = time(&view, "deadline")?;
+    ensure!(
+        deadline > left_at,
+        "the fresh grace deadline must lie ahead: {view}"
+    );
+    ensure!(
+        deadline < time(&view, "expires_at")?,
+        "after the last visitor left the grace deadline applies again, not the hard cap: {view}"
+    );
+
+    let view = relay.wait_state(id, "revoked", Duration::from_secs(10))?;
+    assert_eq!(view["revoke_reason"], "grace_ended", "{view}");
+    audited_revocation(&relay, id, "grace_ended")
+}
+
+#[test]
+fn the_hard_cap_still_ends_an_extended_session_and_cuts_the_visitor() -> anyhow::Result<()> {
+    let relay = TestRelay::start()?;
+    let (created, _agent, mut visitor) = session_with_visitor(
+        &relay,
+        json!({ "grace_secs": 2, "extend_while_connected": true, "max_lifetime_secs": 4 }),
+    )?;
+    let id = &created.id;
+    let view = relay.finish(id)?;
+    assert_eq!(view["state"], "finishing", "{view}");
+    assert_eq!(view["lifetime_policy"], "extend_while_connected", "{view}");
+
+    let view = relay.wait_state(id, "revoked", Duration::from_secs(15))?;
+    assert_eq!(
+        view["revoke_reason"], "hard_cap",
+        "a connected visitor never holds a session past its hard cap: {view}"
+    );
+    wait_cut(&mut visitor, Duration::from_secs(10))
+        .context("the visitor must be cut at the hard cap")?;
+    audited_revocation(&relay, id, "hard_cap")
+}

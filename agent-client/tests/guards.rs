@@ -1,0 +1,241 @@
+//! Public-port guards end to end: a source outside the session's `allow_cidrs` never
+//! reaches the agent, the visitor after `max_visitors` is refused until one leaves, a burst
+//! past the per-source rate limit is refused while another source still gets in; each
+//! refusal is in the audit log, which holds no secret.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::{IpAddr, Ipv4Addr, Shutdown};
+use std::time::Duration;
+
+use anyhow::{ensure, Context as _};
+use common::agent::Agent;
+use common::echo::{closed_without_data, echo_on, start_counting, Accepted};
+use common::relay::{Created, TestRelay};
+use common::wait_for;
+use serde_json::{json, Value};
+
+/// A session whose agent forwards `ssh` to a counting echo service.
+/// The agent also reports an SSH password, which must never reach the audit log.
+struct Guarded {
+    created: Created,
+    accepted: Accepted,
+    password: String,
+    _agent: Agent,
+    _dir: tempfile::TempDir,
+}
+
+fn guarded(relay: &TestRelay, extra: Value) -> anyhow::Result<Guarded> {
+    let (echo, accepted) = start_counting()?;
+    let created = relay.create_with(&["ssh"], extra)?;
+    let dir = tempfile::tempdir()?;
+    let password = format!("pw-{}", rand::random::<u64>());
+    let password_file = dir.path().join("ssh-password");
+    std::fs::write(&password_file, format!("{password}\n"))?;
+    let agent = Agent::start_with_args(
+        relay,
+        &created.token,
+        &[format!("ssh=127.0.0.1:{echo}")],
+        &[
+            "--ssh-user".into(),
+            "vagrant".into(),
+            "--ssh-password-file".into(),
+            password_file.display().to_string(),
+        ],
+    )?;
+    agent.wait_registered()?;
+    relay.wait_state(&created.id, "active", Duration::from_secs(10))?;
+    Ok(Guarded {
+        created,
+        accepted,
+        password,
+        _agent: agent,
+        _dir: dir,
+    })
+}
+
+fn ip(a: u8, b: u8, c: u8, d: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(a, b, c, d))
+}
+
+/// Waits until the API counts `n` visitors on the session.
+fn wait_visitors(relay: &TestRelay, id: &str, n: u64) -> anyhow::Result<()> {
+    wait_for(
+        &format!("{n} visitors on session {id}"),
+        Duration::from_secs(10),
+        || {
+            relay
+                .get(id)
+                .ok()
+                .filter(|v| v["visitors"].as_u64() == Some(n))
+        },
+    )
+    .map(|_| ())
+}
+
+/// Every audit line parses (checked by `audit_lines`), one `visitor_refused` line has
+/// `reason` for this session, and no secret of the session appears.
+fn check_audit(
+    relay: &TestRelay,
+    g: &Guarded,
+    reason: &str,
+    source_ip: &str,
+) -> anyhow::Result<()> {
+    let lines = relay.audit_lines()?;
+    let log = relay.audit_log()?;
+    let refused = lines
+        .iter()
+        .find(|l| {
+            l["event"] == "visitor_refused"
+                && l["session_id"] == g.created.id.as_str()
+                && l["reason"] == reason
+        })
+        .with_context(|| format!("no visitor_refused line with reason {reason}:\n{log}"))?;
+    assert_eq!(refused["source_ip"], source_ip, "{refused}");
+    assert_eq!(refused["service"], "ssh", "{refused}");
+    assert_eq!(refused["port"], g.created.port("ssh"), "{refused}");
+    ensure!(
+        lines.iter().any(|l| l["event"] == "visitor_connected"),
+        "admitted visitors are audited too:\n{log}"
+    );
+    for secret in [
+        g.password.clone(),
+        g.created.token.clone(),
+        relay.handle.admin_token().expose().to_owned(),
+    ] {
+        ensure!(
+            !log.contains(&secret),
+            "the audit log must hold no secret, found `{secret}`:\n{log}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn sources_outside_allow_cidrs_never_reach_the_agent() -> anyhow::Result<()> {
+    let relay = TestRelay::start()?;
+    let g = guarded(&relay, json!({ "allow_cidrs": ["127.0.0.1/32"] }))?;
+    let port = g.created.port("ssh");
+    let view = relay.get(&g.created.id)?;
+    assert_eq!(view["allow_cidrs"], json!(["127.0.0.1/32"]), "{view}");
+
+    let before = g.accepted.get();
+    let mut outsider = relay.connect_from(ip(127, 0, 0, 2), port)?;
+    closed_without_data(&mut outsider).context("a visitor from 127.0.0.2")?;
+    assert_eq!(
+        g.accepted.get(),
+        before,
+        "a refused visitor must never reach the service behind the agent"
+    );
+
+    // 127.0.0.1 is allowed, and reaches the service.
+    let mut insider = relay.connect_from(ip(127, 0, 0, 1), port)?;
+    echo_on(&mut insider, b"allowed\n")?;
+    assert_eq!(g.accepted.get(), before + 1);
+
+    // Still nothing from the outsider after the insider's connection went through.
+    let mut outsider = relay.connect_from(ip(127, 0, 0, 2), port)?;
+    closed_without_data(&mut outsider).context("a second visitor from 127.0.0.2")?;
+    assert_eq!(g.accepted.get(), before + 1);
+    check_audit(&relay, &g, "source_not_allowed", "127.0.0.2")
+}
+
+#[test]
+fn the_visitor_past_max_visitors_is_refused_until_one_leaves() -> anyhow::Result<()> {
+    let relay = TestRelay::start()?;
+    // Default max_visitors (16) and default rate limits: each visitor has its own source
+    // address, so only the visitor cap can refuse anyone.
+    let g = guarded(&relay, json!({}))?;
+    let id = &g.created.id;
+    let port = g.created.port("ssh");
+    let mut held = Vec::new();
+    for i in 1..=16u8 {
+        let mut s = relay.connect_from(ip(127, 0, 1, i), port)?;
+        echo_on(&mut s, format!("visitor {i}\n").as_bytes())
+            .with_context(|| format!("visitor {i} of 16"))?;
+        held.push(s);
+    }
+    wait_visitors(&relay, id, 16)?;
+    let accepted = g.accepted.get();
+
+    let mut extra = relay.connect_from(ip(127, 0, 1, 17), port)?;
+    closed_without_data(&mut extra).context("the 17th concurrent visitor")?;
+    assert_eq!(
+        g.accepted.get(),
+        accepted,
+        "the 17th visitor must not reach the service"
+    );
+    // The 16 are unharmed.
+    for (i, s) in held.iter_mut().enumerate() {
+        echo_on(s, b"still here\n").with_context(|| format!("visitor {} after the 17th", i + 1))?;
+    }
+
+    // One leaves; a new one gets in.
+    let gone = held.remove(0);
+    gone.shutdown(Shutdown::Both)?;
+    drop(gone);
+    wait_visitors(&relay, id, 15)?;
+    let mut next = relay.connect_from(ip(127, 0, 1, 18), port)?;
+    echo_on(&mut next, b"my turn\n").context("a visitor after one left")?;
+
+    // The one that left is audited with its bytes each way ("visitor 1\n" + "still here\n").
+    let log = relay.audit_log()?;
+    let closed = relay
+        .audit_lines()?
+        .into_iter()
+        .find(|l| l["event"] == "visitor_closed" && l["source_ip"] == "127.0.1.1")
+        .with_context(|| format!("no visitor_closed line for 127.0.1.1:\n{log}"))?;
+    assert_eq!(closed["session_id"], id.as_str(), "{closed}");
+    assert_eq!(closed["bytes_in"], 21, "{closed}");
+    assert_eq!(closed["bytes_out"], 21, "{closed}");
+    ensure!(closed["duration_secs"].is_number(), "{closed}");
+    check_audit(&relay, &g, "too_many_visitors", "127.0.1.17")
+}
+
+#[test]
+fn a_burst_past_the_rate_limit_is_refused_while_another_source_gets_in() -> anyhow::Result<()> {
+    let relay = TestRelay::start_with(|c| {
+        c.visitor_rate_burst = 5;
+        c.visitor_rate_per_minute = 1;
+    })?;
+    let g = guarded(&relay, json!({}))?;
+    let port = g.created.port("ssh");
+    let local = ip(127, 0, 0, 1);
+    for i in 1..=5 {
+        let mut s = relay.connect_from(local, port)?;
+        echo_on(&mut s, format!("try {i}\n").as_bytes())
+            .with_context(|| format!("connection {i} of the burst of 5"))?;
+    }
+    let accepted = g.accepted.get();
+    let mut sixth = relay.connect_from(local, port)?;
+    closed_without_data(&mut sixth).context("the 6th connection from 127.0.0.1")?;
+    assert_eq!(
+        g.accepted.get(),
+        accepted,
+        "a rate-limited visitor must not reach the service"
+    );
+
+    // Another source has its own bucket.
+    let mut other = relay.connect_from(ip(127, 0, 0, 3), port)?;
+    echo_on(&mut other, b"another source\n").context("a connection from 127.0.0.3")?;
+    check_audit(&relay, &g, "rate_limited", "127.0.0.1")
+}
+
+#[test]
+fn a_session_can_ask_for_fewer_visitors() -> anyhow::Result<()> {
+    let relay = TestRelay::start()?;
+    let g = guarded(&relay, json!({ "max_visitors": 2 }))?;
+    let port = g.created.port("ssh");
+    let mut held = Vec::new();
+    for i in 1..=2u8 {
+        let mut s = relay.connect_from(ip(127, 0, 2, i), port)?;
+        echo_on(&mut s, b"in\n").with_context(|| format!("visitor {i} of 2"))?;
+        held.push(s);
+    }
+    wait_visitors(&relay, &g.created.id, 2)?;
+    let mut third = relay.connect_from(ip(127, 0, 2, 3), port)?;
+    closed_without_data(&mut third).context("the 3rd visitor of a session allowing 2")?;
+    check_audit(&relay, &g, "too_many_visitors", "127.0.2.3")
+}
