@@ -27,5 +27,8 @@ pub const MAX_API_BODY: usize = 64 * 1024;
 /// Time allowed to write the final `revoked`/`error` frame to an agent before closing.
 pub const FAREWELL_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Largest `max_visitors` a session may ask for.
+pub const MAX_VISITORS_PER_SESSION: usize = 1024;
+
 /// Most networks a session's `allow_cidrs` may list.
 pub const MAX_ALLOW_CIDRS: usize = 64;

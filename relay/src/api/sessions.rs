@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
 use crate::lifecycle::{LifetimePolicy, RevokeReason, SessionState};
-use crate::limits::{MAX_ALLOW_CIDRS, MAX_ID_LEN, MAX_SESSION_LIFETIME};
+use crate::limits::{MAX_ALLOW_CIDRS, MAX_ID_LEN, MAX_SESSION_LIFETIME, MAX_VISITORS_PER_SESSION};
 use crate::registry::NewSession;
 use crate::session::Session;
 use crate::shared::Relay;
@@ -158,10 +158,10 @@ fn parse_create(body: &[u8]) -> Result<NewSession, ApiError> {
             "invalid field `services`: a service is listed twice",
         ));
     }
-    if req.max_visitors == Some(0) {
-        return Err(ApiError::bad_request(
-            "invalid field `max_visitors`: must be at least 1",
-        ));
+    if req.max_visitors.is_some_and(|n| n == 0 || n > MAX_VISITORS_PER_SESSION) {
+        return Err(ApiError::bad_request(format!(
+            "invalid field `max_visitors`: must be between 1 and {MAX_VISITORS_PER_SESSION}"
+        )));
     }
     if req.allow_cidrs.len() > MAX_ALLOW_CIDRS {
         return Err(ApiError::bad_request(format!(
