@@ -188,7 +188,9 @@ fn the_visitor_past_max_visitors_is_refused_until_one_leaves() -> anyhow::Result
         .find(|l| l["event"] == "visitor_closed" && l["source_ip"] == "127.0.1.1")
         .with_context(|| format!("no visitor_closed line for 127.0.1.1:\n{log}"))?;
     assert_eq!(closed["session_id"], id.as_str(), "{closed}");
-    assert_eq!(closed["bytes_in"], 21, "{closed}");
+    // In: the client's SSH identification line, then the 21 echoed bytes.
+    let hello = common::echo::SSH_HELLO.len() as u64;
+    assert_eq!(closed["bytes_in"], 21 + hello, "{closed}");
     assert_eq!(closed["bytes_out"], 21, "{closed}");
     ensure!(closed["duration_secs"].is_number(), "{closed}");
     check_audit(&relay, &g, "too_many_visitors", "127.0.1.17")
@@ -238,4 +240,34 @@ fn a_session_can_ask_for_fewer_visitors() -> anyhow::Result<()> {
     let mut third = relay.connect_from(ip(127, 0, 2, 3), port)?;
     closed_without_data(&mut third).context("the 3rd visitor of a session allowing 2")?;
     check_audit(&relay, &g, "too_many_visitors", "127.0.2.3")
+}
+
+/// SSH ports wait for an SSH client's identification line: an HTTP probe, garbage, or a
+/// silent connection never reaches the build machine, while a client that sends
+/// `SSH-2.0-...` is forwarded with those bytes intact.
+#[test]
+fn ssh_ports_turn_away_scanners_before_the_agent_hears_of_them() -> anyhow::Result<()> {
+    let relay = TestRelay::start_with(|c| c.handshake_timeout = Duration::from_secs(1))?;
+    let g = guarded(&relay, json!({}))?;
+    let port = g.created.port("ssh");
+    let before = g.accepted.get();
+    for probe in [&b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..], b"\x16\x03\x01\x02\x00garbage", b"SSH-1.5-ancient\r\n"] {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+        std::io::Write::write_all(&mut s, probe)?;
+        closed_without_data(&mut s).with_context(|| format!("probe {:?}", String::from_utf8_lossy(probe)))?;
+    }
+    // Silent: closed when the banner deadline (1 s here) passes.
+    let mut silent = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    silent.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut buf = [0u8; 16];
+    let n = std::io::Read::read(&mut silent, &mut buf).unwrap_or(0);
+    ensure!(n == 0, "a silent visitor must be closed without data");
+    ensure!(g.accepted.get() == before, "no scanner may reach the service behind the agent");
+    // A real SSH identification passes, and the bytes after it arrive.
+    let mut client = relay.connect_from(ip(127, 0, 0, 1), port)?;
+    echo_on(&mut client, b"after the banner\n")?;
+    ensure!(g.accepted.get() == before + 1);
+    let refused = relay.audit_lines()?.into_iter().filter(|l| l["reason"] == "not_ssh").count();
+    ensure!(refused == 4, "four not_ssh refusals in the audit log, got {refused}");
+    Ok(())
 }

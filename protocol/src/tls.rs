@@ -9,6 +9,8 @@ use std::sync::Arc;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 use sha2::{Digest, Sha256};
 
@@ -103,17 +105,89 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
         .ok_or_else(|| TlsError::NoKey(path.into()))
 }
 
-/// The relay's server configuration.
+/// The relay's server configuration, with a fixed certificate.
 pub fn server_config(
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
 ) -> Result<Arc<ServerConfig>, TlsError> {
+    server_config_with(Arc::new(CertResolver::new(chain, key)?))
+}
+
+/// The relay's server configuration, taking its certificate from `resolver` at each
+/// handshake (so it can be replaced while the relay runs).
+pub fn server_config_with(resolver: Arc<CertResolver>) -> Result<Arc<ServerConfig>, TlsError> {
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_no_client_auth()
-        .with_single_cert(chain, key)?;
+        .with_cert_resolver(resolver);
     config.alpn_protocols = vec![ALPN.to_vec()];
     Ok(Arc::new(config))
+}
+
+/// The relay's certificate, replaceable at run time (certificates rotate): handshakes after
+/// [`CertResolver::replace`] present the new one; established connections are untouched.
+#[derive(Debug)]
+pub struct CertResolver {
+    /// The certificate and key in use.
+    current: std::sync::RwLock<Arc<CertifiedKey>>,
+}
+
+impl CertResolver {
+    /// A resolver presenting `chain` signed by `key`.
+    pub fn new(
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+    ) -> Result<Self, TlsError> {
+        Ok(Self {
+            current: std::sync::RwLock::new(certified(chain, key)?),
+        })
+    }
+
+    /// Swaps in a new certificate and key (checked first: a bad pair leaves the old one).
+    pub fn replace(
+        &self,
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+    ) -> Result<(), TlsError> {
+        let next = certified(chain, key)?;
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = next;
+        Ok(())
+    }
+
+    /// SHA-256 of the leaf certificate in use.
+    pub fn fingerprint(&self) -> String {
+        let current = self
+            .current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        current
+            .cert
+            .first()
+            .map(|c| fingerprint_sha256(c.as_ref()))
+            .unwrap_or_default()
+    }
+}
+
+fn certified(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<Arc<CertifiedKey>, TlsError> {
+    let signing = provider().key_provider.load_private_key(key)?;
+    let certified = CertifiedKey::new(chain, signing);
+    certified.keys_match()?;
+    Ok(Arc::new(certified))
+}
+
+impl ResolvesServerCert for CertResolver {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(
+            self.current
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+        )
+    }
 }
 
 /// The agent's client configuration. Keep one per process: it caches TLS sessions, so data

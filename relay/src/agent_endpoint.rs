@@ -17,7 +17,8 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::codec::Framed;
 use tracing::Instrument;
 
-use crate::limits::{ACCEPT_ERROR_BACKOFF, FAREWELL_TIMEOUT};
+use crate::limits::{ACCEPT_ERROR_BACKOFF, FAREWELL_TIMEOUT, MAX_PENDING_HANDSHAKES_PER_IP};
+use crate::preauth::{PerIpLimit, PerIpPermit};
 use crate::shared::Relay;
 use crate::{attach, control};
 
@@ -27,10 +28,11 @@ pub type AgentFramed = Framed<tokio_rustls::server::TlsStream<TcpStream>, Messag
 /// Accepts agent connections until shutdown.
 pub async fn serve(relay: Arc<Relay>, listener: TcpListener, acceptor: TlsAcceptor) {
     let permits = Arc::new(Semaphore::new(relay.config.max_pending_handshakes));
+    let per_ip = PerIpLimit::new(MAX_PENDING_HANDSHAKES_PER_IP);
     loop {
         let permit = tokio::select! {
             p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-            () = relay.cancel.cancelled() => break,
+            () = relay.stopping.cancelled() => break,
         };
         let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -41,8 +43,14 @@ pub async fn serve(relay: Arc<Relay>, listener: TcpListener, acceptor: TlsAccept
                     continue;
                 }
             },
-            () = relay.cancel.cancelled() => break,
+            () = relay.stopping.cancelled() => break,
         };
+        let Some(ip_permit) = per_ip.try_acquire(peer.ip()) else {
+            relay.metrics.handshake_failed("per_ip_limit");
+            tracing::debug!(%peer, "agent connection refused: too many pending handshakes from this address");
+            continue;
+        };
+        let permit = (permit, ip_permit);
         let span = tracing::info_span!("agent_conn", %peer);
         relay
             .tasks
@@ -55,7 +63,7 @@ async fn handle(
     acceptor: TlsAcceptor,
     tcp: TcpStream,
     peer: SocketAddr,
-    permit: OwnedSemaphorePermit,
+    permit: (OwnedSemaphorePermit, PerIpPermit),
 ) {
     let _ = tcp.set_nodelay(true);
     let handshake = async {

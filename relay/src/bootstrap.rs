@@ -7,7 +7,9 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use porthole_protocol::tls::{fingerprint_sha256, load_certs, load_key, server_config};
+use porthole_protocol::tls::{
+    fingerprint_sha256, load_certs, load_key, server_config_with, CertResolver,
+};
 use porthole_protocol::Secret;
 use tokio_rustls::rustls::ServerConfig;
 
@@ -19,6 +21,10 @@ use crate::error::RelayError;
 pub struct Bootstrap {
     /// TLS configuration for the agent endpoint.
     pub tls: Arc<ServerConfig>,
+    /// The certificate the TLS configuration presents (replaced on SIGHUP).
+    pub cert: Arc<CertResolver>,
+    /// The key file in use.
+    pub key_path: PathBuf,
     /// The certificate file in use.
     pub cert_path: PathBuf,
     /// Whether the certificate was generated during this start.
@@ -76,11 +82,14 @@ pub fn prepare(config: &RelayConfig, public_host: &str) -> Result<Bootstrap, Rel
         .first()
         .map(|c| fingerprint_sha256(c.as_ref()))
         .unwrap_or_default();
-    let tls = server_config(chain, load_key(&key_path)?)?;
+    let cert = Arc::new(CertResolver::new(chain, load_key(&key_path)?)?);
+    let tls = server_config_with(cert.clone())?;
     let admin_token_path = dir.join("admin.token");
     let (admin_token, admin_token_created) = load_or_create_token(&admin_token_path)?;
     Ok(Bootstrap {
         tls,
+        cert,
+        key_path,
         cert_path,
         cert_generated,
         self_signed,

@@ -99,6 +99,13 @@ async fn serve(relay: &Relay, mut framed: AgentFramed, mut reg: Registration) {
     while result.is_ok() {
         tokio::select! {
             () = reg.link.cancel.cancelled() => break,
+            () = relay.stopping.cancelled() => {
+                // Tell the agent to come back to the restarted relay; its visitors drain.
+                let msg = "the relay is restarting: reconnect shortly".to_owned();
+                refuse(&mut framed, ErrorCode::ShuttingDown, msg).await;
+                session.link_released(reg.link.id, SystemTime::now());
+                return;
+            }
             Some(msg) = reg.rx.recv() => result = framed.send(msg).await,
             _ = ticker.tick() => {
                 if last_heard.elapsed() > interval * 3 {

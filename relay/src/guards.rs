@@ -30,6 +30,8 @@ pub enum VisitorRefusal {
     AgentBusy,
     /// The agent could not reach the service, or did not attach in time.
     AgentFailed,
+    /// An SSH port got something other than an SSH client's identification in time.
+    NotSsh,
 }
 
 impl VisitorRefusal {
@@ -42,6 +44,7 @@ impl VisitorRefusal {
             VisitorRefusal::AgentNotConnected => "agent_not_connected",
             VisitorRefusal::AgentBusy => "agent_busy",
             VisitorRefusal::AgentFailed => "agent_failed",
+            VisitorRefusal::NotSsh => "not_ssh",
         }
     }
 }

@@ -21,7 +21,9 @@
 //! - [`supervisor`]: the per-session task that enforces deadlines.
 //! - [`ports`]: the public port pool with cooldown.
 //! - [`public`]: public listeners and visitor forwarding.
+//! - [`scanner`]: SSH ports wait for the client's `SSH-2.0-` line before bothering the agent.
 //! - [`agent_endpoint`]: TLS accept and first-frame dispatch for agent connections.
+//! - [`preauth`]: pending-handshake limits per source address.
 //! - [`control`]: a registered agent's control link (heartbeats, finish, open/attach flow).
 //! - [`attach`]: pairing data connections with waiting visitors.
 //! - [`api`]: the HTTP/JSON API.
@@ -43,8 +45,10 @@ pub mod limits;
 pub mod metrics;
 pub mod persist;
 pub mod ports;
+pub mod preauth;
 pub mod public;
 pub mod registry;
+pub mod scanner;
 pub mod session;
 pub mod shared;
 pub mod store;
@@ -102,16 +106,44 @@ pub struct RelayHandle {
 }
 
 impl RelayHandle {
+    /// Reloads the agent endpoint's certificate from disk (SIGHUP).
+    pub fn reload_tls(&self) -> Result<String, RelayError> {
+        self.relay.reload_tls()
+    }
+
     /// The admin API token.
     pub fn admin_token(&self) -> &Secret {
         &self.relay.admin_token
     }
 
-    /// Stops accepting, closes every connection, and waits up to `grace` for tasks to end.
+    /// Graceful shutdown: stop accepting (the agent endpoint and public ports close), tell
+    /// agents to reconnect, let forwarded visitors drain for up to `grace`, then close
+    /// everything that is left.
     pub async fn shutdown(&self, grace: Duration) {
-        self.relay.cancel.cancel();
-        self.relay.tasks.close();
-        let _ = tokio::time::timeout(grace, self.relay.tasks.wait()).await;
+        let relay = &self.relay;
+        relay.stopping.cancel();
+        relay.visitor_tasks.close();
+        if tokio::time::timeout(grace, relay.visitor_tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::info!(
+                left = relay.visitor_tasks.len(),
+                "drain deadline reached; closing the remaining visitor connections"
+            );
+        }
+        relay.cancel.cancel();
+        relay.tasks.close();
+        let rest = async {
+            relay.tasks.wait().await;
+            relay.visitor_tasks.wait().await;
+        };
+        if tokio::time::timeout(limits::FINAL_SHUTDOWN_WAIT, rest)
+            .await
+            .is_err()
+        {
+            tracing::warn!("some tasks did not end in time");
+        }
     }
 }
 
@@ -150,6 +182,11 @@ pub async fn start(config: RelayConfig) -> Result<RelayHandle, RelayError> {
     let metrics =
         metrics::Metrics::new().map_err(|e| RelayError::Config(format!("metrics: {e}")))?;
     let store = store::Store::open(&config.data_dir.join("state.redb"))?;
+    let tls = shared::TlsFiles {
+        resolver: boot.cert.clone(),
+        cert_path: boot.cert_path.clone(),
+        key_path: boot.key_path.clone(),
+    };
     let relay = Arc::new(Relay::new(
         config,
         boot.admin_token,
@@ -157,6 +194,7 @@ pub async fn start(config: RelayConfig) -> Result<RelayHandle, RelayError> {
         audit,
         metrics,
         store,
+        tls,
     ));
     let restored = relay.restore()?;
     if restored > 0 {

@@ -24,8 +24,18 @@ pub const MAX_SESSION_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Largest API request body.
 pub const MAX_API_BODY: usize = 64 * 1024;
 
+/// After the drain, how long shutdown waits for the remaining tasks to end.
+pub const FINAL_SHUTDOWN_WAIT: Duration = Duration::from_secs(3);
+
 /// Time allowed to write the final `revoked`/`error` frame to an agent before closing.
 pub const FAREWELL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Agent connections one source address may have in the handshake phase at once (agents
+/// need one control and a few data handshakes at a time).
+pub const MAX_PENDING_HANDSHAKES_PER_IP: usize = 64;
+
+/// Bytes of an SSH client's identification line read before deciding (RFC 4253 allows 255).
+pub const SSH_BANNER_MAX: usize = 255;
 
 /// Largest `max_visitors` a session may ask for.
 pub const MAX_VISITORS_PER_SESSION: usize = 1024;

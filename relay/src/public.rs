@@ -6,12 +6,14 @@ use std::time::Instant;
 
 use porthole_protocol::forward::forward_until;
 use porthole_protocol::{Message, Secret, Service};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument;
 
 use crate::audit::AuditEvent;
 use crate::guards::VisitorRefusal;
 use crate::limits::ACCEPT_ERROR_BACKOFF;
+use crate::scanner::read_ssh_banner;
 use crate::session::{DataConn, Session};
 use crate::shared::Relay;
 
@@ -29,10 +31,11 @@ pub async fn serve_port(
         loop {
             tokio::select! {
                 () = session.cancel.cancelled() => break,
+                () = relay.stopping.cancelled() => break,
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
                         let task = visitor(relay.clone(), session.clone(), service, port, stream, peer);
-                        relay.tasks.spawn(task.in_current_span());
+                        relay.visitor_tasks.spawn(task.in_current_span());
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "accept failed; backing off");
@@ -81,7 +84,7 @@ async fn visitor(
     session: Arc<Session>,
     service: Service,
     port: u16,
-    stream: TcpStream,
+    mut stream: TcpStream,
     peer: SocketAddr,
 ) {
     let _ = stream.set_nodelay(true);
@@ -95,6 +98,17 @@ async fn visitor(
     if let Err(reason) = session.guards.admit(peer.ip()) {
         return visit.refuse(reason);
     }
+    // Refuse at once when nobody is there to serve (no need to wait for a banner).
+    if !session.lock().life.accepts_visitors() {
+        return visit.refuse(VisitorRefusal::AgentNotConnected);
+    }
+    let early = match service {
+        Service::Ssh => match read_ssh_banner(&mut stream, relay.config.handshake_timeout).await {
+            Ok(bytes) => bytes,
+            Err(reason) => return visit.refuse(reason),
+        },
+        Service::Vnc => Vec::new(),
+    };
     let (link, _counted) = match session.admit_visitor() {
         Ok(admitted) => admitted,
         Err(reason) => return visit.refuse(reason),
@@ -124,7 +138,7 @@ async fn visitor(
         },
         () = link.cancel.cancelled() => return,
     };
-    forward_visitor(&visit, &link.cancel, stream, data, conn_id).await;
+    forward_visitor(&visit, &link.cancel, stream, data, conn_id, &early).await;
 }
 
 /// Forwards a paired visitor until either side ends or the link is cancelled.
@@ -134,6 +148,7 @@ async fn forward_visitor(
     mut stream: TcpStream,
     data: DataConn,
     conn_id: u64,
+    early: &[u8],
 ) {
     let started = Instant::now();
     let source_ip = visit.peer.ip().to_canonical();
@@ -163,7 +178,11 @@ async fn forward_visitor(
         source_ip,
     });
     let mut agent = data.stream;
-    let stats = match forward_until(&mut stream, &mut agent, &data.prefix, cancel).await {
+    // Bytes the scanner filter read go first.
+    if let Err(e) = agent.write_all(early).await {
+        tracing::info!(%peer, conn_id, error = %e, "agent data connection failed");
+    }
+    let mut stats = match forward_until(&mut stream, &mut agent, &data.prefix, cancel).await {
         Ok(stats) => stats,
         Err(e) if e.source.kind() == std::io::ErrorKind::Interrupted => {
             tracing::info!(%peer, conn_id, "visitor cut: session revoked or agent link lost");
@@ -174,6 +193,7 @@ async fn forward_visitor(
             e.stats
         }
     };
+    stats.a_to_b += early.len() as u64;
     active.dec();
     metrics
         .bytes

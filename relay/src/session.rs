@@ -222,6 +222,21 @@ impl Session {
         }
     }
 
+    /// Ends link `link_id` for a relay shutdown: like [`Session::link_lost`], but visitors
+    /// already forwarded keep draining (their data connections are healthy).
+    pub fn link_released(&self, link_id: u64, now: SystemTime) {
+        let mut inner = self.lock();
+        if inner.link.as_ref().is_some_and(|l| l.id == link_id) {
+            inner.link = None;
+            inner.life.on_link_down(now);
+            drop(inner);
+            self.pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clear();
+        }
+    }
+
     /// Registers a visitor waiting for a data connection; returns its connection id.
     pub fn register_open(&self, secret: &Secret) -> (u64, oneshot::Receiver<DataConn>) {
         let (tx, rx) = oneshot::channel();

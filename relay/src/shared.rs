@@ -3,7 +3,12 @@
 use dashmap::DashMap;
 use porthole_protocol::secret::SecretHash;
 use porthole_protocol::Secret;
+use std::path::PathBuf;
 use std::sync::Arc;
+
+use porthole_protocol::tls::{load_certs, load_key, CertResolver};
+
+use crate::error::RelayError;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -14,6 +19,30 @@ use crate::ports::PortPool;
 use crate::session::Session;
 use crate::store::Store;
 use crate::user_token::UserTokens;
+
+/// The agent endpoint's certificate and where it comes from.
+#[derive(Debug)]
+pub struct TlsFiles {
+    /// What handshakes present.
+    pub resolver: Arc<CertResolver>,
+    /// PEM certificate chain.
+    pub cert_path: PathBuf,
+    /// PEM private key.
+    pub key_path: PathBuf,
+}
+
+impl Relay {
+    /// Reads the certificate and key files again and presents them to new agent
+    /// connections (SIGHUP); existing connections stay up. Returns the new fingerprint.
+    pub fn reload_tls(&self) -> Result<String, RelayError> {
+        let chain = load_certs(&self.tls.cert_path)?;
+        let key = load_key(&self.tls.key_path)?;
+        self.tls.resolver.replace(chain, key)?;
+        let fingerprint = self.tls.resolver.fingerprint();
+        tracing::info!(cert = %self.tls.cert_path.display(), %fingerprint, "reloaded the TLS certificate");
+        Ok(fingerprint)
+    }
+}
 
 /// The relay: settings, sessions, ports, and the owner of every task.
 #[derive(Debug)]
@@ -38,8 +67,15 @@ pub struct Relay {
     pub metrics: Metrics,
     /// The state store.
     pub store: Store,
-    /// Cancelled at shutdown; every session's token is a child.
+    /// The agent endpoint's certificate, reloadable.
+    pub tls: TlsFiles,
+    /// Cancelled when shutdown starts: listeners close, agents are told to reconnect,
+    /// forwarded visitors keep draining.
+    pub stopping: CancellationToken,
+    /// Cancelled when shutdown ends (after the drain); every session's token is a child.
     pub cancel: CancellationToken,
+    /// Visitor connections, so shutdown can wait for them to drain.
+    pub visitor_tasks: TaskTracker,
     /// Every spawned task, so shutdown can wait for them.
     pub tasks: TaskTracker,
 }
@@ -53,6 +89,7 @@ impl Relay {
         audit: AuditLog,
         metrics: Metrics,
         store: Store,
+        tls: TlsFiles,
     ) -> Self {
         let pool = PortPool::new(config.port_range, config.public_bind, config.port_cooldown);
         Self {
@@ -66,7 +103,10 @@ impl Relay {
             audit,
             metrics,
             store,
+            tls,
+            stopping: CancellationToken::new(),
             cancel: CancellationToken::new(),
+            visitor_tasks: TaskTracker::new(),
             tasks: TaskTracker::new(),
         }
     }

@@ -1,4 +1,8 @@
 //! A TCP echo service on loopback (threads; lives until the process ends).
+//!
+//! The relay lets a visitor through an SSH port only after an SSH client's identification
+//! line, so test clients send [`SSH_HELLO`] first (as `ssh` does) and the echo service
+//! swallows it instead of echoing it: everything after it is echoed as usual.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -34,24 +38,54 @@ pub fn start_counting() -> anyhow::Result<(u16, Accepted)> {
     std::thread::spawn(move || {
         for stream in listener.incoming().map_while(Result::ok) {
             counter.fetch_add(1, Ordering::SeqCst);
-            std::thread::spawn(move || {
-                let mut s = stream;
-                let mut buf = [0u8; 16 * 1024];
-                while let Ok(n) = s.read(&mut buf) {
-                    if n == 0 || s.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-            });
+            std::thread::spawn(move || serve(stream));
         }
     });
     Ok((port, accepted))
 }
 
-/// Connects to 127.0.0.1:`port`, sends `msg`, and returns what comes back (same length).
+/// The identification line test clients send first on SSH ports.
+pub const SSH_HELLO: &[u8] = b"SSH-2.0-porthole-test\r\n";
+
+/// Echoes one connection, minus a leading SSH identification line.
+fn serve(mut s: TcpStream) {
+    let mut buf = [0u8; 16 * 1024];
+    let mut seen = Vec::new();
+    let mut hello_done = false;
+    while let Ok(n) = s.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        let mut data = &buf[..n];
+        if !hello_done {
+            seen.extend_from_slice(data);
+            let maybe_hello = seen.iter().zip(SSH_HELLO).all(|(a, b)| a == b);
+            if !maybe_hello {
+                hello_done = true;
+                data = &seen[..];
+            } else if seen.len() >= SSH_HELLO.len() {
+                hello_done = true;
+                data = &seen[SSH_HELLO.len()..];
+            } else {
+                continue;
+            }
+            if s.write_all(data).is_err() {
+                break;
+            }
+            continue;
+        }
+        if s.write_all(data).is_err() {
+            break;
+        }
+    }
+}
+
+/// Connects to 127.0.0.1:`port`, sends [`SSH_HELLO`] then `msg`, and returns what comes
+/// back (same length as `msg`).
 pub fn roundtrip(port: u16, msg: &[u8]) -> anyhow::Result<Vec<u8>> {
     let mut s = TcpStream::connect(("127.0.0.1", port))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(SSH_HELLO)?;
     s.write_all(msg)?;
     let mut got = vec![0u8; msg.len()];
     s.read_exact(&mut got)?;

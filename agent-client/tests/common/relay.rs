@@ -257,8 +257,11 @@ impl TestRelay {
                 })?
             })
             .with_context(|| format!("connecting to 127.0.0.1:{port} from {source}"))?;
-        let stream = stream.into_std()?;
+        let mut stream = stream.into_std()?;
         stream.set_nonblocking(false)?;
+        // Speak first like an SSH client: the relay's scanner filter waits for this on SSH
+        // ports (the echo services swallow it).
+        std::io::Write::write_all(&mut stream, super::echo::SSH_HELLO)?;
         Ok(stream)
     }
 

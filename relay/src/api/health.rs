@@ -33,7 +33,7 @@ async fn metrics(State(relay): State<Arc<Relay>>) -> impl IntoResponse {
 async fn readyz(State(relay): State<Arc<Relay>>) -> impl IntoResponse {
     // Listeners are bound and the audit log is open before the API serves at all; the one
     // way to become unready is shutting down.
-    if relay.cancel.is_cancelled() {
+    if relay.stopping.is_cancelled() {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
     } else {
         (StatusCode::OK, "ready\n")

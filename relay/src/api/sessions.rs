@@ -158,7 +158,10 @@ fn parse_create(body: &[u8]) -> Result<NewSession, ApiError> {
             "invalid field `services`: a service is listed twice",
         ));
     }
-    if req.max_visitors.is_some_and(|n| n == 0 || n > MAX_VISITORS_PER_SESSION) {
+    if req
+        .max_visitors
+        .is_some_and(|n| n == 0 || n > MAX_VISITORS_PER_SESSION)
+    {
         return Err(ApiError::bad_request(format!(
             "invalid field `max_visitors`: must be between 1 and {MAX_VISITORS_PER_SESSION}"
         )));
