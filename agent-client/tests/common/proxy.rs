@@ -11,8 +11,10 @@ use tokio_util::sync::CancellationToken;
 pub struct Proxy {
     /// Address agents connect to.
     pub addr: String,
-    /// Cancelling it cuts every current connection.
+        /// Cancelling it cuts every current connection.
     generation: Arc<Mutex<CancellationToken>>,
+    /// Cancelling it makes every current connection go silent (no FIN, no RST).
+    freezer: Arc<Mutex<CancellationToken>>,
     /// Stops the proxy.
     stop: CancellationToken,
 }
@@ -24,15 +26,17 @@ impl Proxy {
         let addr = listener.local_addr()?.to_string();
         let generation = Arc::new(Mutex::new(CancellationToken::new()));
         let stop = CancellationToken::new();
-        let (gen2, stop2) = (generation.clone(), stop.clone());
+        let freezer = Arc::new(Mutex::new(CancellationToken::new()));
+        let (gen2, stop2, freeze2) = (generation.clone(), stop.clone(), freezer.clone());
         rt.spawn(async move {
             loop {
                 let (mut inbound, _) = tokio::select! {
                     a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
                     () = stop2.cancelled() => return,
                 };
-                let cut = gen2.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                let target = target.clone();
+                                let cut = gen2.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                let freeze = freeze2.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                let (target, stop3) = (target.clone(), stop2.clone());
                 tokio::spawn(async move {
                     let Ok(mut outbound) = TcpStream::connect(&target).await else {
                         return;
@@ -40,15 +44,23 @@ impl Proxy {
                     tokio::select! {
                         _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
                         () = cut.cancelled() => {}
+                        () = freeze.cancelled() => {
+                            // A silent link: nothing forwarded, nothing closed.
+                            stop3.cancelled().await;
+                        }
                     }
                 });
             }
         });
-        Ok(Self {
-            addr,
-            generation,
-            stop,
-        })
+        Ok(Self { addr, generation, freezer, stop })
+    }
+
+        /// Stops forwarding on every connection open now without closing any (a link that
+    /// dies silently); new connections still pass.
+    pub fn freeze(&self) {
+        let mut f = self.freezer.lock().unwrap_or_else(|p| p.into_inner());
+        f.cancel();
+        *f = CancellationToken::new();
     }
 
     /// Cuts every connection open now (new ones still pass).
