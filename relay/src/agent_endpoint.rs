@@ -10,7 +10,7 @@ use std::sync::Arc;
 use futures_util::{SinkExt, StreamExt};
 use porthole_protocol::codec::MessageCodec;
 use porthole_protocol::limits::ALPN;
-use porthole_protocol::{ErrorCode, FrameError, Message};
+use porthole_protocol::{ErrorCode, FrameError, Message, Secret};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
@@ -97,6 +97,46 @@ async fn handle(
             return;
         }
     };
+    match classify(first) {
+        FirstFrame::Control(hello) => control::run(relay, framed, hello, peer).await,
+        FirstFrame::Data {
+            session_id,
+            conn_id,
+            secret,
+        } => {
+            attach::run(&relay, framed, &session_id, conn_id, &secret).await;
+        }
+        FirstFrame::Refused(code, msg) => {
+            relay.metrics.handshake_failed(code.as_str());
+            refuse(&mut framed, code, msg).await;
+        }
+        FirstFrame::Closed => tracing::debug!("agent connection closed before its first frame"),
+    }
+}
+
+/// What a connection's first frame makes it.
+#[derive(Debug)]
+pub enum FirstFrame {
+    /// A `hello`: a control connection.
+    Control(control::Hello),
+    /// An `attach`: the data connection of one visitor.
+    Data {
+        /// Session named.
+        session_id: String,
+        /// Visitor connection named.
+        conn_id: u64,
+        /// Its one-time secret.
+        secret: Secret,
+    },
+    /// Refused with this code and message.
+    Refused(ErrorCode, String),
+    /// The peer closed before sending a frame.
+    Closed,
+}
+
+/// Decides what a first frame makes a connection. Pure (no sockets, no state), so it is
+/// fuzzed on its own (`fuzz/fuzz_targets/first_frame.rs`).
+pub fn classify(first: Option<Result<Message, FrameError>>) -> FirstFrame {
     match first {
         Some(Ok(Message::Hello {
             protocol_version,
@@ -105,43 +145,38 @@ async fn handle(
             services,
             credentials,
             host_keys,
-        })) => {
-            let hello = control::Hello {
-                protocol_version,
-                agent_version,
-                auth,
-                services,
-                credentials,
-                host_keys,
-            };
-            control::run(relay, framed, hello, peer).await;
-        }
+        })) => FirstFrame::Control(control::Hello {
+            protocol_version,
+            agent_version,
+            auth,
+            services,
+            credentials,
+            host_keys,
+        }),
         Some(Ok(Message::Attach {
             session_id,
             conn_id,
             secret,
-        })) => {
-            attach::run(&relay, framed, &session_id, conn_id, &secret).await;
-        }
-        Some(Ok(other)) => {
-            let msg = format!(
+        })) => FirstFrame::Data {
+            session_id,
+            conn_id,
+            secret,
+        },
+        Some(Ok(other)) => FirstFrame::Refused(
+            ErrorCode::UnexpectedMessage,
+            format!(
                 "first frame must be `hello` or `attach`, got `{}`",
                 other.kind()
-            );
-            relay
-                .metrics
-                .handshake_failed(ErrorCode::UnexpectedMessage.as_str());
-            refuse(&mut framed, ErrorCode::UnexpectedMessage, msg).await;
-        }
+            ),
+        ),
         Some(Err(e)) => {
             let code = match e {
                 FrameError::TooLarge { .. } => ErrorCode::FrameTooLarge,
                 _ => ErrorCode::BadFrame,
             };
-            relay.metrics.handshake_failed(code.as_str());
-            refuse(&mut framed, code, format!("first frame refused: {e}")).await;
+            FirstFrame::Refused(code, format!("first frame refused: {e}"))
         }
-        None => tracing::debug!("agent connection closed before its first frame"),
+        None => FirstFrame::Closed,
     }
 }
 

@@ -93,6 +93,25 @@ pub struct RelayConfig {
     /// New visitor connections per source IP per session per minute, after the burst.
     #[arg(long, env = "PORTHOLE_VISITOR_RATE_PER_MINUTE", default_value = "30")]
     pub visitor_rate_per_minute: u32,
+    /// How long live visitor connections may drain after SIGTERM/SIGINT before the relay
+    /// closes them and exits.
+    #[arg(long, env = "PORTHOLE_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// Log format: `text` for people, `json` for collectors (RUST_LOG sets the filter).
+    #[arg(long, env = "PORTHOLE_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 impl Default for RelayConfig {
@@ -124,6 +143,8 @@ impl Default for RelayConfig {
             max_visitors: 16,
             visitor_rate_burst: 10,
             visitor_rate_per_minute: 30,
+            shutdown_grace: Duration::from_secs(30),
+            log_format: LogFormat::Text,
         }
     }
 }
@@ -150,6 +171,20 @@ impl RelayConfig {
             .unwrap_or_else(|| self.data_dir.join("audit.log"))
     }
 
+    /// Settings that work but are probably not what the operator wants.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|text| parse_ephemeral_range(&text));
+        if let Some((lo, hi)) = ephemeral {
+            if let Some(w) = ephemeral_overlap(self.port_range, lo, hi) {
+                out.push(w);
+            }
+        }
+        out
+    }
+
     /// Checks values clap and serde cannot.
     pub fn validate(&self) -> Result<(), String> {
         if self.heartbeat_interval.is_zero() {
@@ -163,6 +198,15 @@ impl RelayConfig {
                 "port_range: `{}` must satisfy 1 <= LO <= HI",
                 self.port_range
             ));
+        }
+        if self.shutdown_grace.is_zero() {
+            return Err("shutdown_grace: must be more than 0".into());
+        }
+        if self.port_cooldown > Duration::from_secs(24 * 3600) {
+            return Err("port_cooldown: at most 24h".into());
+        }
+        if let Some(role) = self.denied_roles.iter().find(|r| r.trim().is_empty()) {
+            return Err(format!("denied_roles: `{role}` is empty"));
         }
         if self.max_visitors == 0 {
             return Err("max_visitors: must be at least 1".into());
@@ -182,6 +226,26 @@ impl RelayConfig {
         }
         Ok(())
     }
+}
+
+/// Parses `/proc/sys/net/ipv4/ip_local_port_range` (`LO<tab>HI`).
+pub fn parse_ephemeral_range(text: &str) -> Option<(u16, u16)> {
+    let mut parts = text.split_whitespace().map(str::parse::<u16>);
+    match (parts.next(), parts.next()) {
+        (Some(Ok(lo)), Some(Ok(hi))) if lo <= hi => Some((lo, hi)),
+        _ => None,
+    }
+}
+
+/// The warning for a public port range that overlaps the kernel's ephemeral range.
+pub fn ephemeral_overlap(range: PortRange, lo: u16, hi: u16) -> Option<String> {
+    (range.lo <= hi && lo <= range.hi).then(|| {
+        format!(
+            "port_range: {range} overlaps the kernel's ephemeral port range {lo}-{hi} (net.ipv4.ip_local_port_range): \
+             outgoing connections of this host can take a session's port, and binds then fail; \
+             choose a range below {lo}"
+        )
+    })
 }
 
 /// An inclusive range of TCP ports, written `LO-HI`.
@@ -256,6 +320,33 @@ mod tests {
     fn clap_defaults_match_default_impl() {
         let cli = Cli::try_parse_from(["porthole-relay"]).unwrap_or_else(|e| unreachable!("{e}"));
         assert_eq!(cli.config, RelayConfig::default());
+    }
+
+    #[test]
+    fn ephemeral_overlap_is_a_warning_that_says_why() {
+        assert_eq!(
+            parse_ephemeral_range("32768\t60999\n"),
+            Some((32768, 60999))
+        );
+        assert_eq!(parse_ephemeral_range("junk"), None);
+        let default = PortRange {
+            lo: 20000,
+            hi: 20999,
+        };
+        assert_eq!(ephemeral_overlap(default, 32768, 60999), None);
+        let w = ephemeral_overlap(
+            PortRange {
+                lo: 32000,
+                hi: 33000,
+            },
+            32768,
+            60999,
+        )
+        .unwrap_or_default();
+        assert!(
+            w.contains("port_range") && w.contains("ephemeral") && w.contains("32768-60999"),
+            "{w}"
+        );
     }
 
     #[test]

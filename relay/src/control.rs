@@ -2,7 +2,7 @@
 //! queued messages to the agent, heartbeats both ways, `finish` and `open_failed` from the
 //! agent, and a `revoked` farewell when the session ends.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
@@ -14,7 +14,7 @@ use porthole_protocol::{Credential, ErrorCode, Message, Service};
 use crate::access::Access;
 use crate::agent_endpoint::{refuse, AgentFramed};
 use crate::limits::FAREWELL_TIMEOUT;
-use crate::registry::{unix_ms, AgentOffer, Registration};
+use crate::registry::{unix_ms, AgentOffer, Refusal, Registration};
 use crate::shared::Relay;
 
 /// The fields of a `hello`.
@@ -34,36 +34,36 @@ pub struct Hello {
     pub host_keys: Vec<String>,
 }
 
-/// Registers the agent and serves its link until it ends.
-pub async fn run(relay: Arc<Relay>, mut framed: AgentFramed, hello: Hello, peer: SocketAddr) {
+/// The checks of a `hello` that need no state: protocol version, credentials and host
+/// keys. Pure, so it is fuzzed with [`crate::agent_endpoint::classify`].
+pub fn screen(hello: Hello, ip: IpAddr) -> Result<(HelloAuth, AgentOffer, String), Refusal> {
     if hello.protocol_version != PROTOCOL_VERSION {
         let msg = format!(
             "porthole-agent {} speaks protocol {}, this relay (porthole-relay {}) speaks protocol {}: install the porthole-agent release that matches the relay",
             hello.agent_version, hello.protocol_version, env!("CARGO_PKG_VERSION"), PROTOCOL_VERSION
         );
-        relay
-            .metrics
-            .handshake_failed(ErrorCode::VersionMismatch.as_str());
-        return refuse(&mut framed, ErrorCode::VersionMismatch, msg).await;
+        return Err((ErrorCode::VersionMismatch, msg));
     }
-    let access = match Access::from_hello(hello.credentials, hello.host_keys) {
-        Ok(access) => access,
-        Err(e) => {
-            relay.metrics.handshake_failed(ErrorCode::BadFrame.as_str());
-            return refuse(
-                &mut framed,
-                ErrorCode::BadFrame,
-                format!("hello refused: {e}"),
-            )
-            .await;
-        }
-    };
+    let access = Access::from_hello(hello.credentials, hello.host_keys)
+        .map_err(|e| (ErrorCode::BadFrame, format!("hello refused: {e}")))?;
     let offer = AgentOffer {
         services: hello.services,
         access,
-        ip: peer.ip().to_canonical(),
+        ip: ip.to_canonical(),
     };
-    let registered = match &hello.auth {
+    Ok((hello.auth, offer, hello.agent_version))
+}
+
+/// Registers the agent and serves its link until it ends.
+pub async fn run(relay: Arc<Relay>, mut framed: AgentFramed, hello: Hello, peer: SocketAddr) {
+    let (auth, offer, agent_version) = match screen(hello, peer.ip()) {
+        Ok(screened) => screened,
+        Err((code, msg)) => {
+            relay.metrics.handshake_failed(code.as_str());
+            return refuse(&mut framed, code, msg).await;
+        }
+    };
+    let registered = match &auth {
         HelloAuth::Join { token } => relay.join(token, &offer),
         HelloAuth::Resume { session_id, secret } => relay.resume(session_id, secret, &offer),
     };
@@ -75,7 +75,7 @@ pub async fn run(relay: Arc<Relay>, mut framed: AgentFramed, hello: Hello, peer:
         }
     };
     let session_id = reg.session.id.clone();
-    tracing::info!(%session_id, %peer, agent_version = %hello.agent_version, resumed = reg.resumed,
+    tracing::info!(%session_id, %peer, agent_version = %agent_version, resumed = reg.resumed,
         "agent {}", if reg.resumed { "resumed" } else { "joined" });
     serve(&relay, framed, reg).await;
 }

@@ -4,6 +4,7 @@
 //!
 //! # Layout
 //! - [`config`]: every setting, one serde struct that clap also parses.
+//! - [`config_file`]: defaults < TOML file < environment < flags.
 //! - [`error`]: the relay error type, [`RelayError`].
 //! - [`limits`]: internal constants that are not settings.
 //! - [`bootstrap`]: the data dir on start: TLS certificate (generated if absent), admin token.
@@ -37,6 +38,7 @@ pub mod attach;
 pub mod audit;
 pub mod bootstrap;
 pub mod config;
+pub mod config_file;
 pub mod control;
 pub mod error;
 pub mod guards;

@@ -1,13 +1,16 @@
-//! `porthole-relay`: parses flags, sets up logging and signals, runs the relay.
+//! `porthole-relay`: parses flags and the config file, sets up logging and signals, runs
+//! the relay. Subcommands: `mint-user-token`, `check-config`.
 
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use std::path::PathBuf;
-
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use porthole_relay::config::LogFormat;
 use porthole_relay::user_token::{self, Roles};
-use porthole_relay::{start, RelayConfig, StartupInfo};
+use porthole_relay::{config_file, start, RelayConfig, RelayHandle, StartupInfo};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing_subscriber::EnvFilter;
 
@@ -17,8 +20,11 @@ use tracing_subscriber::EnvFilter;
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
+    /// TOML file with any of the settings below (flags and PORTHOLE_* variables override it).
+    #[arg(long, env = "PORTHOLE_CONFIG")]
+    config: Option<PathBuf>,
     #[command(flatten)]
-    config: RelayConfig,
+    relay: RelayConfig,
 }
 
 #[derive(Debug, Subcommand)]
@@ -45,65 +51,138 @@ enum Command {
         #[arg(long, env = "PORTHOLE_USER_TOKEN_SECRET_FILE")]
         user_token_secret_file: Option<PathBuf>,
     },
+    /// Load and validate a config file (with PORTHOLE_* variables applied) without starting.
+    CheckConfig {
+        /// The TOML file.
+        file: PathBuf,
+    },
 }
 
-/// How long shutdown waits for connections to close.
-const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
-
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    if let Some(Command::MintUserToken {
-        sub,
-        app_id,
-        roles,
-        ttl,
-        data_dir,
-        user_token_secret_file,
-    }) = cli.command
-    {
-        let path = user_token_secret_file.unwrap_or_else(|| data_dir.join("user-token.secret"));
-        let (secret, created) = user_token::load_or_create_secret(&path)?;
-        if created {
-            eprintln!("created a new user token secret at {}", path.display());
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // A plain line for operators (no backtrace), with the whole cause chain.
+            eprintln!("porthole-relay: error: {e:#}");
+            ExitCode::FAILURE
         }
-        let role = if roles.len() == 1 {
-            Roles::One(roles[0].clone())
-        } else {
-            Roles::Many(roles)
-        };
-        let token =
-            user_token::mint(&secret, &sub, &app_id, role, ttl).map_err(anyhow::Error::msg)?;
-        println!("{token}");
-        return Ok(());
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let port_range = cli.config.port_range;
-    let public_bind = cli.config.public_bind;
-    let handle = start(cli.config)
-        .await
-        .context("porthole-relay could not start")?;
-    print_banner(
-        &handle.info,
-        &port_range.to_string(),
-        &public_bind.to_string(),
-    );
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        _ = term.recv() => {},
+}
+
+fn run() -> anyhow::Result<()> {
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches)?;
+    match cli.command {
+        Some(Command::MintUserToken {
+            sub,
+            app_id,
+            roles,
+            ttl,
+            data_dir,
+            user_token_secret_file,
+        }) => {
+            let path = user_token_secret_file.unwrap_or_else(|| data_dir.join("user-token.secret"));
+            mint(&path, &sub, &app_id, roles, ttl)
+        }
+        Some(Command::CheckConfig { file }) => check_config(&file),
+        None => {
+            let config =
+                config_file::load(&matches, cli.config.as_deref()).map_err(anyhow::Error::msg)?;
+            init_logs(config.log_format);
+            let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
+            runtime.block_on(serve(config))
+        }
     }
-    tracing::info!("shutting down");
-    handle.shutdown(SHUTDOWN_WAIT).await;
+}
+
+fn mint(
+    path: &std::path::Path,
+    sub: &str,
+    app_id: &str,
+    roles: Vec<String>,
+    ttl: Duration,
+) -> anyhow::Result<()> {
+    let (secret, created) = user_token::load_or_create_secret(path)?;
+    if created {
+        eprintln!("created a new user token secret at {}", path.display());
+    }
+    let role = match <[String; 1]>::try_from(roles) {
+        Ok([one]) => Roles::One(one),
+        Err(many) => Roles::Many(many),
+    };
+    let token = user_token::mint(&secret, sub, app_id, role, ttl).map_err(anyhow::Error::msg)?;
+    println!("{token}");
     Ok(())
 }
 
+fn check_config(file: &std::path::Path) -> anyhow::Result<()> {
+    // The environment applies as it would at start; no flags.
+    let env_only = Cli::command().get_matches_from(["porthole-relay"]);
+    let config = config_file::load(&env_only, Some(file)).map_err(anyhow::Error::msg)?;
+    config
+        .validate()
+        .map_err(|e| anyhow::anyhow!("config file {}: {e}", file.display()))?;
+    for warning in config.warnings() {
+        println!("warning: {warning}");
+    }
+    println!("config OK: {}", file.display());
+    Ok(())
+}
+
+fn init_logs(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
+}
+
+async fn serve(config: RelayConfig) -> anyhow::Result<()> {
+    for warning in config.warnings() {
+        tracing::warn!("{warning}");
+    }
+    let grace = config.shutdown_grace;
+    let port_range = config.port_range.to_string();
+    let public_bind = config.public_bind.to_string();
+    let handle = start(config)
+        .await
+        .context("porthole-relay could not start")?;
+    print_banner(&handle.info, &port_range, &public_bind);
+    wait_for_signals(&handle).await?;
+    tracing::info!(grace = ?grace, "shutting down: agents told to reconnect, visitors draining");
+    handle.shutdown(grace).await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Serves until SIGTERM or SIGINT; SIGHUP reloads the TLS certificate and key.
+async fn wait_for_signals(handle: &RelayHandle) -> anyhow::Result<()> {
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = term.recv() => return Ok(()),
+            _ = hup.recv() => match handle.reload_tls() {
+                Ok(fingerprint) => tracing::info!(%fingerprint, "SIGHUP: new agent connections get the reloaded certificate"),
+                Err(e) => tracing::error!(error = %e, "SIGHUP: certificate reload failed; keeping the current one"),
+            },
+        }
+    }
+}
+
+/// Prints what an operator needs next. A closed stdout must not stop the relay, so write
+/// errors are ignored.
 fn print_banner(info: &StartupInfo, port_range: &str, public_bind: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{}", banner(info, port_range, public_bind));
+    let _ = out.flush();
+}
+
+fn banner(info: &StartupInfo, port_range: &str, public_bind: &str) -> String {
     let host = &info.public_host;
     let agent_port = info.agent_addr.port();
     let cert_note = match (info.self_signed, info.cert_generated) {
@@ -122,10 +201,13 @@ fn print_banner(info: &StartupInfo, port_range: &str, public_bind: &str) {
         ""
     };
     let token = info.admin_token_path.display();
-    println!(
+    let api = info.api_addr;
+    let metrics = info.metrics_addr.unwrap_or(api);
+    format!(
         "porthole-relay {version} is running
   agent endpoint  {agent} (TLS 1.3)
   HTTP API        http://{api}
+  metrics         http://{metrics}/metrics (also /healthz, /readyz)
   public ports    {public_bind} ports {port_range}, announced as {host}
   TLS certificate {cert}{cert_note}
   SHA-256         {fp}
@@ -148,10 +230,9 @@ Next steps:
        ssh -p <port> <user>@{host}",
         version = env!("CARGO_PKG_VERSION"),
         agent = info.agent_addr,
-        api = info.api_addr,
         cert = info.cert_path.display(),
         fp = info.fingerprint,
         user_secret = info.user_token_secret_path.display(),
         audit = info.audit_log_path.display(),
-    );
+    )
 }

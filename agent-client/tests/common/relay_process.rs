@@ -51,8 +51,13 @@ impl RelaySetup {
         })
     }
 
-    /// Starts the relay and waits for its banner.
+        /// Starts the relay and waits for its banner.
     pub fn start(&self) -> anyhow::Result<RelayProcess> {
+        self.start_with(&[])
+    }
+
+    /// Starts the relay with extra flags and waits for its banner.
+    pub fn start_with(&self, extra: &[&str]) -> anyhow::Result<RelayProcess> {
         let mut child = Command::new(binary()?)
             .arg("--data-dir")
             .arg(self.data.path())
@@ -60,6 +65,7 @@ impl RelaySetup {
             .args(["--api-listen", &format!("127.0.0.1:{}", self.api_port)])
             .args(["--public-host", "127.0.0.1", "--public-bind", "127.0.0.1"])
             .args(["--port-range", &self.range, "--heartbeat-interval", "1s"])
+            .args(extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -116,6 +122,18 @@ impl RelayProcess {
         self.child.kill()?;
         self.child.wait()?;
         Ok(())
+    }
+
+        /// Sends `signal` (e.g. `TERM`, `HUP`) with `kill`.
+    pub fn signal(&self, signal: &str) -> anyhow::Result<()> {
+        let status = Command::new("kill").arg(format!("-{signal}")).arg(self.child.id().to_string()).status()?;
+        anyhow::ensure!(status.success(), "kill -{signal} failed");
+        Ok(())
+    }
+
+    /// Waits for the relay to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        super::wait_for("porthole-relay to exit", timeout, || self.child.try_wait().ok().flatten())
     }
 
     /// GET a session.
