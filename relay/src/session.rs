@@ -207,34 +207,31 @@ impl Session {
     /// Ends link `link_id` if it is still the current one: the session goes `disconnected`,
     /// visitors waiting for a data connection are closed.
     pub fn link_lost(&self, link_id: u64, now: SystemTime) {
-        let mut inner = self.lock();
-        if inner.link.as_ref().is_some_and(|l| l.id == link_id) {
-            if let Some(link) = inner.link.take() {
-                link.cancel.cancel();
-            }
-            inner.life.on_link_down(now);
-            drop(inner);
-            self.pending
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clear();
-            self.changed.notify_one();
-        }
+        self.end_link(link_id, now, true);
     }
 
     /// Ends link `link_id` for a relay shutdown: like [`Session::link_lost`], but visitors
     /// already forwarded keep draining (their data connections are healthy).
     pub fn link_released(&self, link_id: u64, now: SystemTime) {
+        self.end_link(link_id, now, false);
+    }
+
+    /// Ends link `link_id` if it is still the current one; `cut_visitors` also cancels the
+    /// visitors forwarded over it. Waiting visitors are closed either way.
+    fn end_link(&self, link_id: u64, now: SystemTime, cut_visitors: bool) {
         let mut inner = self.lock();
-        if inner.link.as_ref().is_some_and(|l| l.id == link_id) {
-            inner.link = None;
-            inner.life.on_link_down(now);
-            drop(inner);
-            self.pending
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clear();
+        if !inner.link.as_ref().is_some_and(|l| l.id == link_id) {
+            return;
         }
+        if let Some(link) = inner.link.take() {
+            if cut_visitors {
+                link.cancel.cancel();
+            }
+        }
+        inner.life.on_link_down(now);
+        drop(inner);
+        self.pending.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.changed.notify_one();
     }
 
     /// Registers a visitor waiting for a data connection; returns its connection id.

@@ -155,36 +155,26 @@ impl Store {
     /// Writes (inserts or replaces) a session durably.
     pub fn put(&self, s: &StoredSession) -> Result<(), RelayError> {
         let bytes = serde_json::to_vec(s).map_err(|e| RelayError::Store(e.to_string()))?;
-        let txn = self
-            .db
-            .begin_write()
-            .map_err(|e| RelayError::Store(e.to_string()))?;
-        {
-            let mut table = txn
-                .open_table(SESSIONS)
-                .map_err(|e| RelayError::Store(e.to_string()))?;
-            table
-                .insert(s.id.as_str(), bytes.as_slice())
-                .map_err(|e| RelayError::Store(e.to_string()))?;
-        }
-        txn.commit().map_err(|e| RelayError::Store(e.to_string()))
+        self.write(|table| table.insert(s.id.as_str(), bytes.as_slice()).map(drop))
     }
 
     /// Deletes a session.
     pub fn remove(&self, id: &str) -> Result<(), RelayError> {
-        let txn = self
-            .db
-            .begin_write()
-            .map_err(|e| RelayError::Store(e.to_string()))?;
+        self.write(|table| table.remove(id).map(drop))
+    }
+
+    /// Runs `change` on the sessions table in one durable write transaction.
+    fn write(
+        &self,
+        change: impl FnOnce(&mut redb::Table<&str, &[u8]>) -> Result<(), redb::StorageError>,
+    ) -> Result<(), RelayError> {
+        let err = |e: &dyn std::fmt::Display| RelayError::Store(e.to_string());
+        let txn = self.db.begin_write().map_err(|e| err(&e))?;
         {
-            let mut table = txn
-                .open_table(SESSIONS)
-                .map_err(|e| RelayError::Store(e.to_string()))?;
-            table
-                .remove(id)
-                .map_err(|e| RelayError::Store(e.to_string()))?;
+            let mut table = txn.open_table(SESSIONS).map_err(|e| err(&e))?;
+            change(&mut table).map_err(|e| err(&e))?;
         }
-        txn.commit().map_err(|e| RelayError::Store(e.to_string()))
+        txn.commit().map_err(|e| err(&e))
     }
 
     /// Every stored session. A record from a newer relay, or one that does not parse, is an
