@@ -1,0 +1,210 @@
+//! `porthole-bench`: parses flags, prepares the machine (open-file limit, release binaries),
+//! runs every candidate, and writes the table, JSON and SVG.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use clap::Parser;
+use porthole_bench::procfs::{raise_nofile, Machine};
+use porthole_bench::report::{self, Report};
+use porthole_bench::run::{run_all, RunOptions};
+use porthole_bench::suite::SuiteOptions;
+use porthole_bench::target::Target;
+
+/// Descriptors the harness keeps for itself besides the idle connections.
+const FD_MARGIN: u64 = 256;
+
+/// Benchmarks Porthole against direct loopback and peer tunnels, all on loopback.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Length of each timed step (bulk each way, ping-pong, connects, loaded ping-pong).
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Most sequential connections in the connect step.
+    #[arg(long, default_value_t = 1000)]
+    connects: usize,
+    /// Idle visitor connections held for the memory step (0 skips it).
+    #[arg(long, default_value_t = 1000)]
+    idle_conns: usize,
+    /// Bulk streams during the loaded ping-pong.
+    #[arg(long, default_value_t = 8)]
+    streams: usize,
+    /// Runs of each bulk direction (median reported) and of ping-pong (samples pooled).
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+    /// Also measure rathole (tcp, tls) and bore, installing them with `cargo install` into
+    /// --peers-dir when missing.
+    #[arg(long)]
+    peers: bool,
+    /// Only these candidates, comma-separated (direct, porthole-tls, rathole-tcp, rathole-tls,
+    /// bore).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Write the results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Write a bar chart here.
+    #[arg(long)]
+    svg: Option<PathBuf>,
+    /// Where `porthole-relay` and `porthole-agent` are [default: beside this binary].
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+    /// Do not run `cargo build` for the relay and agent first.
+    #[arg(long)]
+    no_build: bool,
+    /// `cargo install --root` for the peers [default: target/bench-peers].
+    #[arg(long)]
+    peers_dir: Option<PathBuf>,
+    /// Scratch directory for configs and logs [default: target/bench-work].
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+}
+
+/// Builds the relay and agent in the profile this binary was built with.
+fn build_porthole(bin_dir: &Path) -> anyhow::Result<()> {
+    let release = bin_dir.file_name().is_some_and(|n| n == "release");
+    if !release {
+        eprintln!("warning: not a release build; numbers from debug binaries mean little");
+    }
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(workspace_root()).args([
+        "build",
+        "-p",
+        "porthole-relay",
+        "-p",
+        "porthole-agent",
+    ]);
+    if release {
+        cmd.arg("--release");
+    }
+    eprintln!("building the relay and agent: {cmd:?}");
+    let status = cmd.status().context("running cargo build")?;
+    if !status.success() {
+        bail!("cargo build of porthole-relay and porthole-agent failed ({status})");
+    }
+    Ok(())
+}
+
+/// Lowers `wanted` idle connections to what the open-file limit allows, saying so.
+fn fit_idle_conns(wanted: usize) -> usize {
+    let limit = match raise_nofile() {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("warning: {e:#}; keeping the current open-file limit");
+            1024
+        }
+    };
+    // The harness holds both ends of each idle connection (client and target server).
+    let fits = usize::try_from(limit.saturating_sub(FD_MARGIN) / 2).unwrap_or(usize::MAX);
+    if wanted > fits {
+        eprintln!(
+            "note: --idle-conns {wanted} needs about {} open files but the hard limit is \
+             {limit}; measuring {fits} idle connections (raise `ulimit -Hn` for more)",
+            wanted * 2 + FD_MARGIN as usize
+        );
+        return fits;
+    }
+    wanted
+}
+
+/// `git describe`-like revision of the workspace, `+dirty` when the work tree has changes.
+fn revision(root: &Path) -> String {
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .current_dir(root)
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+    };
+    let head = git(&["rev-parse", "--short", "HEAD"]).unwrap_or_else(|| "unknown".into());
+    let dirty = git(&["status", "--porcelain"]).is_some_and(|s| !s.is_empty());
+    if dirty {
+        format!("{head}+dirty")
+    } else {
+        head
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    let exe_dir = std::env::current_exe()?
+        .parent()
+        .map(Path::to_path_buf)
+        .context("locating this binary's directory")?;
+    let bin_dir = cli.bin_dir.clone().unwrap_or(exe_dir);
+    if !cli.no_build {
+        build_porthole(&bin_dir)?;
+    }
+    let machine = Machine::detect();
+    let opts = RunOptions {
+        suite: SuiteOptions {
+            duration: cli.duration,
+            connects: cli.connects,
+            idle_conns: fit_idle_conns(cli.idle_conns),
+            streams: cli.streams,
+            repeat: cli.repeat,
+        },
+        peers: cli.peers,
+        bin_dir,
+        peers_dir: cli
+            .peers_dir
+            .clone()
+            .unwrap_or_else(|| root.join("target/bench-peers")),
+        work_dir: cli
+            .work_dir
+            .clone()
+            .unwrap_or_else(|| root.join("target/bench-work")),
+        only: cli.only.clone(),
+    };
+    let target = Target::start()?;
+    let candidates = run_all(&opts, target.addr);
+    let ratios = report::ratios(&candidates);
+    println!("{}", report::results_table(&candidates));
+    println!("{}", report::ratio_table(&candidates, &ratios));
+    for c in candidates.iter().filter(|c| !c.available) {
+        println!(
+            "{}: unavailable: {}",
+            c.name,
+            c.reason.as_deref().unwrap_or("?")
+        );
+    }
+    for c in &candidates {
+        for e in &c.results.errors {
+            println!("{}: step failed: {e}", c.name);
+        }
+    }
+    if let Some(path) = &cli.svg {
+        std::fs::write(path, porthole_bench::svg::render(&candidates, &machine))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let report = Report {
+        machine,
+        revision: revision(&root),
+        command: format!(
+            "cargo run --release -p porthole-bench -- {}",
+            args.join(" ")
+        ),
+        options: opts.suite,
+        candidates,
+        ratios,
+    };
+    if let Some(path) = &cli.json {
+        let text = serde_json::to_string_pretty(&report)?;
+        std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
