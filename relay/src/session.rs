@@ -230,7 +230,10 @@ impl Session {
         }
         inner.life.on_link_down(now);
         drop(inner);
-        self.pending.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         self.changed.notify_one();
     }
 
