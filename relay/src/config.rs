@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::limits::MAX_VISITORS_PER_SESSION;
+
 /// Relay settings. Defaults here and in the clap attributes agree (a test checks).
 #[derive(Clone, Debug, PartialEq, Eq, clap::Args, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -33,11 +35,14 @@ pub struct RelayConfig {
     /// Public session ports, `LO-HI` (keep it below the kernel's ephemeral range).
     #[arg(long, env = "PORTHOLE_PORT_RANGE", default_value = "20000-20999")]
     pub port_range: PortRange,
-    /// PEM certificate chain for the agent endpoint [default: self-signed in DATA_DIR/tls].
-    #[arg(long, env = "PORTHOLE_TLS_CERT", requires = "tls_key")]
+    /// PEM certificate chain for the agent endpoint, with --tls-key [default: self-signed in
+    /// DATA_DIR/tls].
+    // No clap `requires`: the pair may come from different layers (file, variables, flags);
+    // `validate` checks the merged result.
+    #[arg(long, env = "PORTHOLE_TLS_CERT")]
     pub tls_cert: Option<PathBuf>,
     /// PEM private key for --tls-cert.
-    #[arg(long, env = "PORTHOLE_TLS_KEY", requires = "tls_cert")]
+    #[arg(long, env = "PORTHOLE_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
     /// How long a revoked session's ports rest before another session can get them.
     #[arg(long, env = "PORTHOLE_PORT_COOLDOWN", default_value = "120s", value_parser = humantime::parse_duration)]
@@ -171,62 +176,167 @@ impl RelayConfig {
             .unwrap_or_else(|| self.data_dir.join("audit.log"))
     }
 
-    /// Settings that work but are probably not what the operator wants.
+    /// Settings that work but are probably not what the operator wants (read against this
+    /// host's `/proc/sys/net/ipv4/ip_local_port_range`).
     pub fn warnings(&self) -> Vec<String> {
-        let mut out = Vec::new();
-        let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-            .ok()
-            .and_then(|text| parse_ephemeral_range(&text));
-        if let Some((lo, hi)) = ephemeral {
-            if let Some(w) = ephemeral_overlap(self.port_range, lo, hi) {
-                out.push(w);
-            }
-        }
-        out
+        let proc_text = std::fs::read_to_string(EPHEMERAL_RANGE_FILE).ok();
+        self.warnings_given(proc_text.as_deref())
     }
 
-    /// Checks values clap and serde cannot.
+    /// [`warnings`](Self::warnings) given the content of the kernel's ephemeral range file
+    /// (`None`: unknown, e.g. not Linux).
+    pub fn warnings_given(&self, ephemeral_range_file: Option<&str>) -> Vec<String> {
+        let ephemeral = ephemeral_range_file.and_then(parse_ephemeral_range);
+        ephemeral
+            .and_then(|(lo, hi)| ephemeral_overlap(self.port_range, lo, hi))
+            .into_iter()
+            .collect()
+    }
+
+    /// Checks values clap and serde cannot; the error names the key.
     pub fn validate(&self) -> Result<(), String> {
-        if self.heartbeat_interval.is_zero() {
-            return Err("heartbeat_interval: must be more than 0".into());
-        }
-        if self.handshake_timeout.is_zero() || self.open_timeout.is_zero() {
-            return Err("handshake_timeout and open_timeout: must be more than 0".into());
-        }
-        if self.port_range.lo == 0 || self.port_range.lo > self.port_range.hi {
-            return Err(format!(
-                "port_range: `{}` must satisfy 1 <= LO <= HI",
-                self.port_range
+        self.check().map_err(|e| e.to_string())
+    }
+
+    /// [`validate`](Self::validate) with the offending key apart, so callers can say where
+    /// the value came from.
+    pub fn check(&self) -> Result<(), InvalidSetting> {
+        self.check_durations()?;
+        self.check_limits()?;
+        self.check_names()
+    }
+
+    fn check_durations(&self) -> Result<(), InvalidSetting> {
+        let must_be_positive = [
+            ("join_ttl", self.join_ttl),
+            ("heartbeat_interval", self.heartbeat_interval),
+            ("handshake_timeout", self.handshake_timeout),
+            ("open_timeout", self.open_timeout),
+            ("shutdown_grace", self.shutdown_grace),
+        ];
+        if let Some((key, _)) = must_be_positive.iter().find(|(_, d)| d.is_zero()) {
+            return Err(InvalidSetting::new(
+                key,
+                "must be more than 0, e.g. \"10s\"",
             ));
         }
-        if self.shutdown_grace.is_zero() {
-            return Err("shutdown_grace: must be more than 0".into());
+        if self.port_cooldown > MAX_PORT_COOLDOWN {
+            return Err(InvalidSetting::new(
+                "port_cooldown",
+                format!("at most {}", humantime::format_duration(MAX_PORT_COOLDOWN)),
+            ));
         }
-        if self.port_cooldown > Duration::from_secs(24 * 3600) {
-            return Err("port_cooldown: at most 24h".into());
+        Ok(())
+    }
+
+    fn check_limits(&self) -> Result<(), InvalidSetting> {
+        if self.port_range.lo == 0 || self.port_range.lo > self.port_range.hi {
+            return Err(InvalidSetting::new(
+                "port_range",
+                format!("`{}` must satisfy 1 <= LO <= HI", self.port_range),
+            ));
+        }
+        let at_least_one = [
+            ("max_visitors", self.max_visitors),
+            ("max_pending_handshakes", self.max_pending_handshakes),
+            ("visitor_rate_burst", self.visitor_rate_burst as usize),
+            (
+                "visitor_rate_per_minute",
+                self.visitor_rate_per_minute as usize,
+            ),
+        ];
+        if let Some((key, _)) = at_least_one.iter().find(|(_, n)| *n == 0) {
+            return Err(InvalidSetting::new(key, "must be at least 1"));
+        }
+        if self.max_visitors > MAX_VISITORS_PER_SESSION {
+            return Err(InvalidSetting::new(
+                "max_visitors",
+                format!(
+                    "{} is above {MAX_VISITORS_PER_SESSION}, the most a session may have",
+                    self.max_visitors
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_names(&self) -> Result<(), InvalidSetting> {
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(InvalidSetting::new("data_dir", "must not be empty"));
+        }
+        let paths = [
+            ("tls_cert", &self.tls_cert),
+            ("tls_key", &self.tls_key),
+            ("user_token_secret_file", &self.user_token_secret_file),
+            ("audit_log", &self.audit_log),
+        ];
+        if let Some((key, _)) = paths
+            .iter()
+            .find(|(_, p)| p.as_ref().is_some_and(|p| p.as_os_str().is_empty()))
+        {
+            return Err(InvalidSetting::new(
+                key,
+                "must not be empty; leave it out for the default",
+            ));
+        }
+        let lone = match (&self.tls_cert, &self.tls_key) {
+            (Some(_), None) => Some(("tls_cert", "tls_key")),
+            (None, Some(_)) => Some(("tls_key", "tls_cert")),
+            _ => None,
+        };
+        if let Some((set, missing)) = lone {
+            return Err(InvalidSetting::new(
+                set,
+                format!(
+                    "set without {missing} (--{}, PORTHOLE_{}): set both, or neither for a \
+                     self-signed certificate",
+                    missing.replace('_', "-"),
+                    missing.to_ascii_uppercase()
+                ),
+            ));
         }
         if let Some(role) = self.denied_roles.iter().find(|r| r.trim().is_empty()) {
-            return Err(format!("denied_roles: `{role}` is empty"));
-        }
-        if self.max_visitors == 0 {
-            return Err("max_visitors: must be at least 1".into());
-        }
-        if self.visitor_rate_burst == 0 || self.visitor_rate_per_minute == 0 {
-            return Err(
-                "visitor_rate_burst and visitor_rate_per_minute: must be at least 1".into(),
-            );
-        }
-        if self.max_pending_handshakes == 0 {
-            return Err("max_pending_handshakes: must be at least 1".into());
+            return Err(InvalidSetting::new(
+                "denied_roles",
+                format!("`{role}` is empty; list role names, e.g. [\"tester\", \"qa\"]"),
+            ));
         }
         if let Some(host) = &self.public_host {
             if host.is_empty() || host.chars().any(|c| c.is_whitespace() || c.is_control()) {
-                return Err(format!("public_host: `{host}` is not a host name"));
+                return Err(InvalidSetting::new(
+                    "public_host",
+                    format!("`{host}` is not a host name"),
+                ));
             }
         }
         Ok(())
     }
 }
+
+/// Longest `port_cooldown` accepted.
+const MAX_PORT_COOLDOWN: Duration = Duration::from_secs(24 * 3600);
+
+/// A setting whose value makes no sense, found by [`RelayConfig::check`].
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{key}: {problem}")]
+pub struct InvalidSetting {
+    /// The setting's name (the config file key).
+    pub key: &'static str,
+    /// What is wrong with its value, and what to do.
+    pub problem: String,
+}
+
+impl InvalidSetting {
+    fn new(key: &'static str, problem: impl Into<String>) -> Self {
+        Self {
+            key,
+            problem: problem.into(),
+        }
+    }
+}
+
+/// Where Linux keeps the range it picks outgoing connections' local ports from.
+pub const EPHEMERAL_RANGE_FILE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
 
 /// Parses `/proc/sys/net/ipv4/ip_local_port_range` (`LO<tab>HI`).
 pub fn parse_ephemeral_range(text: &str) -> Option<(u16, u16)> {
@@ -347,6 +457,78 @@ mod tests {
             w.contains("port_range") && w.contains("ephemeral") && w.contains("32768-60999"),
             "{w}"
         );
+    }
+
+    #[test]
+    fn warnings_read_the_kernel_range_file_content() {
+        let mut config = RelayConfig::default();
+        assert_eq!(
+            config.warnings_given(Some("32768\t60999\n")),
+            Vec::<String>::new()
+        );
+        assert_eq!(config.warnings_given(None), Vec::<String>::new());
+        config.port_range = PortRange {
+            lo: 60000,
+            hi: 61999,
+        };
+        let warnings = config.warnings_given(Some("32768\t60999\n"));
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].contains("outgoing connections") && warnings[0].contains("below 32768"),
+            "{warnings:?}"
+        );
+        assert_eq!(config.warnings_given(Some("")), Vec::<String>::new());
+    }
+
+    #[test]
+    fn the_defaults_are_valid() {
+        assert_eq!(RelayConfig::default().check(), Ok(()));
+    }
+
+    /// Each broken setting is refused, and the error names that setting.
+    #[test]
+    fn validate_names_the_key() {
+        type Breaker = fn(&mut RelayConfig);
+        let cases: [(&str, Breaker); 18] = [
+            ("data_dir", |c| c.data_dir = PathBuf::new()),
+            ("audit_log", |c| c.audit_log = Some(PathBuf::new())),
+            ("join_ttl", |c| c.join_ttl = Duration::ZERO),
+            ("heartbeat_interval", |c| {
+                c.heartbeat_interval = Duration::ZERO
+            }),
+            ("handshake_timeout", |c| {
+                c.handshake_timeout = Duration::ZERO
+            }),
+            ("open_timeout", |c| c.open_timeout = Duration::ZERO),
+            ("shutdown_grace", |c| c.shutdown_grace = Duration::ZERO),
+            ("port_cooldown", |c| {
+                c.port_cooldown = Duration::from_secs(90_000)
+            }),
+            ("port_range", |c| {
+                c.port_range = PortRange { lo: 30, hi: 20 }
+            }),
+            ("max_visitors", |c| c.max_visitors = 0),
+            ("max_visitors", |c| {
+                c.max_visitors = MAX_VISITORS_PER_SESSION + 1
+            }),
+            ("max_pending_handshakes", |c| c.max_pending_handshakes = 0),
+            ("visitor_rate_burst", |c| c.visitor_rate_burst = 0),
+            ("visitor_rate_per_minute", |c| c.visitor_rate_per_minute = 0),
+            ("denied_roles", |c| {
+                c.denied_roles = vec!["qa".into(), " ".into()]
+            }),
+            ("tls_cert", |c| c.tls_cert = Some("cert.pem".into())),
+            ("tls_key", |c| c.tls_key = Some("key.pem".into())),
+            ("public_host", |c| c.public_host = Some("two words".into())),
+        ];
+        for (key, breaker) in cases {
+            let mut config = RelayConfig::default();
+            breaker(&mut config);
+            let err = config.check().err();
+            assert_eq!(err.as_ref().map(|e| e.key), Some(key), "{err:?}");
+            let text = config.validate().err().unwrap_or_default();
+            assert!(text.starts_with(&format!("{key}: ")), "{text}");
+        }
     }
 
     #[test]

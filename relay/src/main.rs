@@ -1,13 +1,13 @@
 //! `porthole-relay`: parses flags and the config file, sets up logging and signals, runs
 //! the relay. Subcommands: `mint-user-token`, `check-config`.
 
-use std::io::Write;
-use std::path::PathBuf;
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
 use porthole_relay::config::LogFormat;
 use porthole_relay::user_token::{self, Roles};
 use porthole_relay::{config_file, start, RelayConfig, RelayHandle, StartupInfo};
@@ -86,8 +86,7 @@ fn run() -> anyhow::Result<()> {
         }
         Some(Command::CheckConfig { file }) => check_config(&file),
         None => {
-            let config =
-                config_file::load(&matches, cli.config.as_deref()).map_err(anyhow::Error::msg)?;
+            let config = load_valid(&matches, cli.config.as_deref())?;
             init_logs(config.log_format);
             let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
             runtime.block_on(serve(config))
@@ -96,7 +95,7 @@ fn run() -> anyhow::Result<()> {
 }
 
 fn mint(
-    path: &std::path::Path,
+    path: &Path,
     sub: &str,
     app_id: &str,
     roles: Vec<String>,
@@ -115,13 +114,21 @@ fn mint(
     Ok(())
 }
 
-fn check_config(file: &std::path::Path) -> anyhow::Result<()> {
+/// Loads the settings (defaults < file < environment < `matches`) and validates them; an
+/// invalid value is reported with the key and where it came from.
+fn load_valid(matches: &ArgMatches, file: Option<&Path>) -> anyhow::Result<RelayConfig> {
+    let config = config_file::load(matches, file).map_err(anyhow::Error::msg)?;
+    if let Err(e) = config.check() {
+        let from = config_file::origin(matches, e.key, file);
+        anyhow::bail!("{from}: {e}");
+    }
+    Ok(config)
+}
+
+fn check_config(file: &Path) -> anyhow::Result<()> {
     // The environment applies as it would at start; no flags.
-    let env_only = Cli::command().get_matches_from(["porthole-relay"]);
-    let config = config_file::load(&env_only, Some(file)).map_err(anyhow::Error::msg)?;
-    config
-        .validate()
-        .map_err(|e| anyhow::anyhow!("config file {}: {e}", file.display()))?;
+    let env_only = Cli::command().try_get_matches_from(["porthole-relay"])?;
+    let config = load_valid(&env_only, Some(file))?;
     for warning in config.warnings() {
         println!("warning: {warning}");
     }
@@ -131,8 +138,10 @@ fn check_config(file: &std::path::Path) -> anyhow::Result<()> {
 
 fn init_logs(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colours only for a person at a terminal, never into journald or a collector.
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => logs.init(),
