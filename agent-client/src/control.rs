@@ -8,7 +8,7 @@ use futures_util::{SinkExt, StreamExt};
 use porthole_protocol::codec::MessageCodec;
 use porthole_protocol::limits::PROTOCOL_VERSION;
 use porthole_protocol::message::HelloAuth;
-use porthole_protocol::{Message, Secret};
+use porthole_protocol::{ErrorCode, Message, Secret};
 use tokio::sync::{mpsc, watch};
 use tokio_util::codec::Framed;
 
@@ -143,6 +143,10 @@ pub async fn run(
                         Ok(())
                     }
                     Some(Ok(Message::Revoked { reason })) => return Ok(LinkEnd::Revoked(reason)),
+                    // A relay going down for a restart: a lost link, to be resumed.
+                    Some(Ok(Message::Error { code: ErrorCode::ShuttingDown, message })) => {
+                        return Err(AgentError::LinkLost(message))
+                    }
                     Some(Ok(Message::Error { code, message })) => return Err(AgentError::Refused { code, message }),
                     Some(Ok(other)) => {
                         tracing::warn!(kind = other.kind(), "ignoring unexpected message from the relay");
