@@ -109,8 +109,23 @@ if [ "$need_vncdo" -eq 1 ]; then
   fi
 fi
 
+# promtool checks the alert rules in deploy/. Debian ships it only inside the prometheus
+# package (whose dependencies weigh ~300 MB), so take just the binary out of the .deb.
+if ! have promtool && [ "$can_install" -eq 1 ] && command -v apt-get >/dev/null 2>&1; then
+  section "Installing promtool (from Debian's prometheus package)"
+  tmp=$(mktemp -d)
+  if { [ -n "$(ls /var/lib/apt/lists/ 2>/dev/null | grep -v lock)" ] || ${SUDO[@]+"${SUDO[@]}"} apt-get update; } \
+      && (cd "$tmp" && apt-get download prometheus >/dev/null && dpkg-deb -x prometheus_*.deb x) \
+      && ${SUDO[@]+"${SUDO[@]}"} install -m 0755 "$tmp/x/usr/bin/promtool" /usr/local/bin/promtool; then
+    echo "promtool installed in /usr/local/bin"
+  else
+    echo "WARNING: could not install promtool; the deploy asset tests will fail" >&2
+  fi
+  rm -rf "$tmp"
+fi
+
 still_missing=()
-for prog in "${!APT_FOR[@]}" vncdo; do
+for prog in "${!APT_FOR[@]}" vncdo promtool; do
   have "$prog" || still_missing+=("$prog")
 done
 if [ "${#still_missing[@]}" -gt 0 ]; then

@@ -251,10 +251,15 @@ fn ssh_ports_turn_away_scanners_before_the_agent_hears_of_them() -> anyhow::Resu
     let g = guarded(&relay, json!({}))?;
     let port = g.created.port("ssh");
     let before = g.accepted.get();
-    for probe in [&b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..], b"\x16\x03\x01\x02\x00garbage", b"SSH-1.5-ancient\r\n"] {
+    for probe in [
+        &b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+        b"\x16\x03\x01\x02\x00garbage",
+        b"SSH-1.5-ancient\r\n",
+    ] {
         let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
         std::io::Write::write_all(&mut s, probe)?;
-        closed_without_data(&mut s).with_context(|| format!("probe {:?}", String::from_utf8_lossy(probe)))?;
+        closed_without_data(&mut s)
+            .with_context(|| format!("probe {:?}", String::from_utf8_lossy(probe)))?;
     }
     // Silent: closed when the banner deadline (1 s here) passes.
     let mut silent = std::net::TcpStream::connect(("127.0.0.1", port))?;
@@ -262,12 +267,22 @@ fn ssh_ports_turn_away_scanners_before_the_agent_hears_of_them() -> anyhow::Resu
     let mut buf = [0u8; 16];
     let n = std::io::Read::read(&mut silent, &mut buf).unwrap_or(0);
     ensure!(n == 0, "a silent visitor must be closed without data");
-    ensure!(g.accepted.get() == before, "no scanner may reach the service behind the agent");
+    ensure!(
+        g.accepted.get() == before,
+        "no scanner may reach the service behind the agent"
+    );
     // A real SSH identification passes, and the bytes after it arrive.
     let mut client = relay.connect_from(ip(127, 0, 0, 1), port)?;
     echo_on(&mut client, b"after the banner\n")?;
     ensure!(g.accepted.get() == before + 1);
-    let refused = relay.audit_lines()?.into_iter().filter(|l| l["reason"] == "not_ssh").count();
-    ensure!(refused == 4, "four not_ssh refusals in the audit log, got {refused}");
+    let refused = relay
+        .audit_lines()?
+        .into_iter()
+        .filter(|l| l["reason"] == "not_ssh")
+        .count();
+    ensure!(
+        refused == 4,
+        "four not_ssh refusals in the audit log, got {refused}"
+    );
     Ok(())
 }

@@ -385,7 +385,7 @@ fn audit_log_records_served_and_denied_instructions_without_secrets() -> anyhow:
             .find(|l| {
                 l["event"] == event
                     && l["session_id"] == id.as_str()
-                    && sub.map_or(true, |s| l["sub"] == s)
+                    && sub.is_none_or(|s| l["sub"] == s)
             })
             .cloned()
             .with_context(|| format!("no `{event}` line for {sub:?} in the audit log:\n{log}"))

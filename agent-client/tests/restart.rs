@@ -18,9 +18,19 @@ use common::{port_refuses, wait_for};
 use serde_json::{json, Value};
 
 fn create(setup: &RelaySetup, api: &str, body: Value) -> anyhow::Result<(String, String, u16)> {
-    let v: Value = setup.http()?.post(format!("{api}/v1/sessions")).json(&body).send()?.error_for_status()?.json()?;
+    let v: Value = setup
+        .http()?
+        .post(format!("{api}/v1/sessions"))
+        .json(&body)
+        .send()?
+        .error_for_status()?
+        .json()?;
     let port = v["endpoints"][0]["port"].as_u64().context("port")? as u16;
-    Ok((v["session_id"].as_str().context("id")?.into(), v["join_token"].as_str().context("token")?.into(), port))
+    Ok((
+        v["session_id"].as_str().context("id")?.into(),
+        v["join_token"].as_str().context("token")?.into(),
+        port,
+    ))
 }
 
 #[test]
@@ -43,7 +53,11 @@ fn kill9_mid_transfer_then_restart_resumes_on_the_same_port() -> anyhow::Result<
 
     // A visitor in the middle of a long transfer when the relay dies.
     let mut transfer = sshd.ssh("127.0.0.1", port);
-    let mut transfer = transfer.arg("head -c 2000000000 /dev/zero").stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    let mut transfer = transfer
+        .arg("head -c 2000000000 /dev/zero")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
     let mut out = transfer.stdout.take().context("stdout")?;
     let mut first = vec![0u8; 1 << 20];
     if let Err(e) = std::io::Read::read_exact(&mut out, &mut first) {
@@ -52,7 +66,10 @@ fn kill9_mid_transfer_then_restart_resumes_on_the_same_port() -> anyhow::Result<
         if let Some(mut stderr) = transfer.stderr.take() {
             let _ = std::io::Read::read_to_string(&mut stderr, &mut err);
         }
-        anyhow::bail!("transfer did not start ({e}): ssh said: {err}\nagent:\n{}", agent.output());
+        anyhow::bail!(
+            "transfer did not start ({e}): ssh said: {err}\nagent:\n{}",
+            agent.output()
+        );
     }
     relay.kill9()?;
     drop(out);
@@ -60,14 +77,31 @@ fn kill9_mid_transfer_then_restart_resumes_on_the_same_port() -> anyhow::Result<
 
     let relay = setup.start()?;
     agent.wait_line("resumed session", Duration::from_secs(30))?;
-    let after = wait_for("the session to be active again", Duration::from_secs(20), || {
-        relay.session(&http, &id).ok().filter(|v| v["state"] == "active")
-    })?;
+    let after = wait_for(
+        "the session to be active again",
+        Duration::from_secs(20),
+        || {
+            relay
+                .session(&http, &id)
+                .ok()
+                .filter(|v| v["state"] == "active")
+        },
+    )?;
     for field in ["deadline", "expires_at", "created_at", "endpoints"] {
-        assert_eq!(after[field], before[field], "{field} must survive the restart");
+        assert_eq!(
+            after[field], before[field],
+            "{field} must survive the restart"
+        );
     }
-    let ok = run_with_timeout(sshd.ssh("127.0.0.1", port).arg("echo after restart"), Duration::from_secs(30))?;
-    ensure!(ok.status.success(), "ssh after restart failed: {}", ok.stderr);
+    let ok = run_with_timeout(
+        sshd.ssh("127.0.0.1", port).arg("echo after restart"),
+        Duration::from_secs(30),
+    )?;
+    ensure!(
+        ok.status.success(),
+        "ssh after restart failed: {}",
+        ok.stderr
+    );
     assert_eq!(ok.stdout_text(), "after restart\n");
     Ok(())
 }
@@ -92,11 +126,21 @@ fn deadline_passed_while_down_revokes_on_start() -> anyhow::Result<()> {
     let relay = setup.start()?;
     let http = setup.http()?;
     let view = wait_for("the session to be revoked", Duration::from_secs(10), || {
-        relay.session(&http, &id).ok().filter(|v| v["state"] == "revoked")
+        relay
+            .session(&http, &id)
+            .ok()
+            .filter(|v| v["state"] == "revoked")
     })?;
     assert_eq!(view["revoke_reason"], "hard_cap");
-    ensure!(port_refuses(port), "the port of a revoked session must refuse connections");
+    ensure!(
+        port_refuses(port),
+        "the port of a revoked session must refuse connections"
+    );
     let status = agent.wait_exit(Duration::from_secs(30))?;
-    ensure!(status.success(), "agent exits 0 once it learns the session is over:\n{}", agent.output());
+    ensure!(
+        status.success(),
+        "agent exits 0 once it learns the session is over:\n{}",
+        agent.output()
+    );
     Ok(())
 }

@@ -9,6 +9,10 @@ mod common;
 use std::time::Duration;
 
 use anyhow::{ensure, Context as _};
+use common::agent::Agent;
+use common::proxy::Proxy;
+use common::relay::TestRelay;
+use common::{echo, port_refuses, wait_for};
 use futures_util::{SinkExt, StreamExt};
 use porthole_protocol::codec::MessageCodec;
 use porthole_protocol::limits::PROTOCOL_VERSION;
@@ -20,10 +24,6 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::rustls::pki_types::ServerName;
 use tokio_rustls::TlsConnector;
 use tokio_util::codec::Framed;
-use common::agent::Agent;
-use common::proxy::Proxy;
-use common::relay::TestRelay;
-use common::{echo, port_refuses, wait_for};
 
 #[test]
 fn cut_link_resumes_on_the_same_port() -> anyhow::Result<()> {
@@ -102,7 +102,12 @@ fn a_silent_link_is_noticed_by_both_sides_and_the_agent_resumes() -> anyhow::Res
     let proxy = Proxy::start(&relay.rt, relay.agent_addr())?;
     let session = relay.create(&["ssh"], None)?;
     let port = session.port("ssh");
-    let agent = Agent::start_to(&proxy.addr, &relay.pin(), &session.token, &[format!("ssh=127.0.0.1:{echo_port}")])?;
+    let agent = Agent::start_to(
+        &proxy.addr,
+        &relay.pin(),
+        &session.token,
+        &[format!("ssh=127.0.0.1:{echo_port}")],
+    )?;
     agent.wait_registered()?;
     assert_eq!(echo::roundtrip(port, b"before")?, b"before");
 
@@ -113,16 +118,25 @@ fn a_silent_link_is_noticed_by_both_sides_and_the_agent_resumes() -> anyhow::Res
     agent.wait_line("three heartbeat intervals", Duration::from_secs(10))?;
     agent.wait_line("resumed session", Duration::from_secs(20))?;
     relay.wait_state(&session.id, "active", Duration::from_secs(10))?;
-    let again = wait_for("forwarding after the resume", Duration::from_secs(10), || echo::roundtrip(port, b"after").ok())?;
+    let again = wait_for(
+        "forwarding after the resume",
+        Duration::from_secs(10),
+        || echo::roundtrip(port, b"after").ok(),
+    )?;
     assert_eq!(again, b"after");
     Ok(())
 }
 
 /// A raw control connection, speaking the protocol directly.
-async fn raw_hello(relay: &TestRelay, auth: HelloAuth) -> anyhow::Result<(Framed<TlsStream<TcpStream>, MessageCodec>, Message)> {
+async fn raw_hello(
+    relay: &TestRelay,
+    auth: HelloAuth,
+) -> anyhow::Result<(Framed<TlsStream<TcpStream>, MessageCodec>, Message)> {
     let config = client_config(&RelayTrust::Pin(parse_pin(&relay.pin())?))?;
     let tcp = TcpStream::connect(relay.agent_addr()).await?;
-    let tls = TlsConnector::from(config).connect(ServerName::try_from("localhost")?, tcp).await?;
+    let tls = TlsConnector::from(config)
+        .connect(ServerName::try_from("localhost")?, tcp)
+        .await?;
     let mut framed = Framed::new(tls, MessageCodec);
     let hello = Message::Hello {
         protocol_version: PROTOCOL_VERSION,
@@ -145,16 +159,31 @@ fn a_live_agent_is_not_displaced_by_a_second_one_with_its_resume_secret() -> any
     let relay = TestRelay::start()?;
     let session = relay.create(&["ssh"], None)?;
     relay.rt.block_on(async {
-        let join = HelloAuth::Join { token: Secret::new(session.token.clone()) };
+        let join = HelloAuth::Join {
+            token: Secret::new(session.token.clone()),
+        };
         let (first, answer) = raw_hello(&relay, join).await?;
-        let Message::Registered { session_id, resume_secret, .. } = answer else {
+        let Message::Registered {
+            session_id,
+            resume_secret,
+            ..
+        } = answer
+        else {
             anyhow::bail!("join answered {answer:?}");
         };
-        let resume = || HelloAuth::Resume { session_id: session_id.clone(), secret: resume_secret.clone() };
+        let resume = || HelloAuth::Resume {
+            session_id: session_id.clone(),
+            secret: resume_secret.clone(),
+        };
         let (_, second) = raw_hello(&relay, resume()).await?;
-        let Message::Error { code, message } = second else { anyhow::bail!("resume answered {second:?}") };
+        let Message::Error { code, message } = second else {
+            anyhow::bail!("resume answered {second:?}")
+        };
         assert_eq!(code, ErrorCode::SessionBusy, "{message}");
-        ensure!(message.contains("already has a connected agent"), "{message}");
+        ensure!(
+            message.contains("already has a connected agent"),
+            "{message}"
+        );
         // The first link is untouched: it still answers pings.
         let mut first = first;
         first.send(Message::Ping { seq: 42 }).await?;
@@ -169,13 +198,19 @@ fn a_live_agent_is_not_displaced_by_a_second_one_with_its_resume_secret() -> any
         // The first agent goes away; now the resume is accepted.
         drop(first);
         let resumed = wait_for_async(|| async { raw_hello(&relay, resume()).await.ok() }).await?;
-        ensure!(matches!(resumed.1, Message::Registered { resumed: true, .. }), "{:?}", resumed.1);
+        ensure!(
+            matches!(resumed.1, Message::Registered { resumed: true, .. }),
+            "{:?}",
+            resumed.1
+        );
         anyhow::Ok(())
     })
 }
 
 /// Polls `f` for up to 10 s until it yields a value.
-async fn wait_for_async<T, F: std::future::Future<Output = Option<T>>>(mut f: impl FnMut() -> F) -> anyhow::Result<T> {
+async fn wait_for_async<T, F: std::future::Future<Output = Option<T>>>(
+    mut f: impl FnMut() -> F,
+) -> anyhow::Result<T> {
     for _ in 0..100 {
         if let Some(v) = f().await {
             return Ok(v);

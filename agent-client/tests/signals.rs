@@ -21,9 +21,19 @@ use serde_json::{json, Value};
 
 fn create(setup: &RelaySetup, api: &str) -> anyhow::Result<(String, String, u16)> {
     let body = json!({"build_id": "b", "app_id": "a", "services": ["ssh"]});
-    let v: Value = setup.http()?.post(format!("{api}/v1/sessions")).json(&body).send()?.error_for_status()?.json()?;
+    let v: Value = setup
+        .http()?
+        .post(format!("{api}/v1/sessions"))
+        .json(&body)
+        .send()?
+        .error_for_status()?
+        .json()?;
     let port = v["endpoints"][0]["port"].as_u64().context("port")? as u16;
-    Ok((v["session_id"].as_str().context("id")?.into(), v["join_token"].as_str().context("token")?.into(), port))
+    Ok((
+        v["session_id"].as_str().context("id")?.into(),
+        v["join_token"].as_str().context("token")?.into(),
+        port,
+    ))
 }
 
 #[test]
@@ -33,7 +43,12 @@ fn sigterm_drains_exits_zero_and_the_agent_comes_back() -> anyhow::Result<()> {
     let mut relay = setup.start_with(&["--shutdown-grace", "3s"])?;
     let (id, token, port) = create(&setup, &relay.api)?;
     let agent_addr = format!("127.0.0.1:{}", setup.agent_port);
-    let agent = Agent::start_to(&agent_addr, &relay.pin, &token, &[format!("ssh=127.0.0.1:{}", sshd.port)])?;
+    let agent = Agent::start_to(
+        &agent_addr,
+        &relay.pin,
+        &token,
+        &[format!("ssh=127.0.0.1:{}", sshd.port)],
+    )?;
     agent.wait_registered()?;
     let http = setup.http()?;
     let before = relay.session(&http, &id)?;
@@ -41,7 +56,11 @@ fn sigterm_drains_exits_zero_and_the_agent_comes_back() -> anyhow::Result<()> {
     // A live SSH session printing a line every 100 ms.
     let mut live = sshd.ssh("127.0.0.1", port);
     let script = "i=0; while [ $i -lt 600 ]; do echo tick $i; i=$((i+1)); sleep 0.1; done";
-    let mut live = live.arg(script).stdout(Stdio::piped()).stderr(Stdio::null()).spawn()?;
+    let mut live = live
+        .arg(script)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
     let (tx, rx) = mpsc::channel();
     let out = live.stdout.take().context("stdout")?;
     std::thread::spawn(move || {
@@ -49,27 +68,48 @@ fn sigterm_drains_exits_zero_and_the_agent_comes_back() -> anyhow::Result<()> {
             let _ = tx.send(line);
         }
     });
-    rx.recv_timeout(Duration::from_secs(20)).context("the live session never printed")?;
+    rx.recv_timeout(Duration::from_secs(20))
+        .context("the live session never printed")?;
 
     relay.signal("TERM")?;
     // Draining: the public port stops accepting, but the live session keeps flowing.
-    wait_for("the public port to close", Duration::from_secs(5), || common::port_refuses(port).then_some(()))?;
-    let drained_line = rx.recv_timeout(Duration::from_secs(2)).context("the live session stopped at SIGTERM")?;
+    wait_for("the public port to close", Duration::from_secs(5), || {
+        common::port_refuses(port).then_some(())
+    })?;
+    let drained_line = rx
+        .recv_timeout(Duration::from_secs(2))
+        .context("the live session stopped at SIGTERM")?;
     ensure!(drained_line.starts_with("tick"), "{drained_line}");
     let status = relay.wait_exit(Duration::from_secs(20))?;
-    ensure!(status.success(), "SIGTERM must end with exit 0, got {status}");
+    ensure!(
+        status.success(),
+        "SIGTERM must end with exit 0, got {status}"
+    );
     agent.wait_line("restarting", Duration::from_secs(10))?;
 
     // Back up on the same data dir and ports: the agent resumes by itself, state intact.
     let relay = setup.start()?;
     agent.wait_line("resumed session", Duration::from_secs(30))?;
-    let after = wait_for("the session to be active again", Duration::from_secs(20), || {
-        relay.session(&http, &id).ok().filter(|v| v["state"] == "active")
-    })?;
+    let after = wait_for(
+        "the session to be active again",
+        Duration::from_secs(20),
+        || {
+            relay
+                .session(&http, &id)
+                .ok()
+                .filter(|v| v["state"] == "active")
+        },
+    )?;
     for field in ["deadline", "expires_at", "created_at", "endpoints"] {
-        assert_eq!(after[field], before[field], "{field} must survive the restart");
+        assert_eq!(
+            after[field], before[field],
+            "{field} must survive the restart"
+        );
     }
-    let ok = run_with_timeout(sshd.ssh("127.0.0.1", port).arg("echo back"), Duration::from_secs(30))?;
+    let ok = run_with_timeout(
+        sshd.ssh("127.0.0.1", port).arg("echo back"),
+        Duration::from_secs(30),
+    )?;
     ensure!(ok.status.success(), "ssh after the restart: {}", ok.stderr);
     assert_eq!(ok.stdout_text(), "back\n");
     let _ = live.kill();
@@ -84,7 +124,12 @@ fn sighup_reloads_the_certificate_for_new_connections_only() -> anyhow::Result<(
     let agent_addr = format!("127.0.0.1:{}", setup.agent_port);
     let old_pin = relay.pin.clone();
     let (_, token, port) = create(&setup, &relay.api)?;
-    let first = Agent::start_to(&agent_addr, &old_pin, &token, &[format!("ssh=127.0.0.1:{echo_port}")])?;
+    let first = Agent::start_to(
+        &agent_addr,
+        &old_pin,
+        &token,
+        &[format!("ssh=127.0.0.1:{echo_port}")],
+    )?;
     first.wait_registered()?;
 
     // Rotate: a new certificate and key in place of the self-signed ones, then SIGHUP.
@@ -98,18 +143,41 @@ fn sighup_reloads_the_certificate_for_new_connections_only() -> anyhow::Result<(
 
     // New connections see the new certificate: an agent pinning it registers ...
     let (_, token2, _) = create(&setup, &relay.api)?;
-    let second = wait_for("an agent pinning the new certificate", Duration::from_secs(20), || {
-        let a = Agent::start_to(&agent_addr, &new_pin, &token2, &[format!("ssh=127.0.0.1:{echo_port}")]).ok()?;
-        a.wait_registered().ok().map(|()| a)
-    })?;
+    let second = wait_for(
+        "an agent pinning the new certificate",
+        Duration::from_secs(20),
+        || {
+            let a = Agent::start_to(
+                &agent_addr,
+                &new_pin,
+                &token2,
+                &[format!("ssh=127.0.0.1:{echo_port}")],
+            )
+            .ok()?;
+            a.wait_registered().ok().map(|()| a)
+        },
+    )?;
     drop(second);
     // ... and one pinning the old certificate is refused.
     let (_, token3, _) = create(&setup, &relay.api)?;
-    let mut stale = Agent::start_to(&agent_addr, &old_pin, &token3, &[format!("ssh=127.0.0.1:{echo_port}")])?;
+    let mut stale = Agent::start_to(
+        &agent_addr,
+        &old_pin,
+        &token3,
+        &[format!("ssh=127.0.0.1:{echo_port}")],
+    )?;
     let status = stale.wait_exit(Duration::from_secs(20))?;
-    ensure!(!status.success() && stale.output().contains("pinned"), "old pin:\n{}", stale.output());
+    ensure!(
+        !status.success() && stale.output().contains("pinned"),
+        "old pin:\n{}",
+        stale.output()
+    );
     // The existing agent link stayed up: its session still forwards, no reconnect happened.
     assert_eq!(echo::roundtrip(port, b"still up")?, b"still up");
-    ensure!(!first.output().contains("reconnecting"), "the first agent lost its link:\n{}", first.output());
+    ensure!(
+        !first.output().contains("reconnecting"),
+        "the first agent lost its link:\n{}",
+        first.output()
+    );
     Ok(())
 }

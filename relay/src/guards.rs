@@ -35,6 +35,17 @@ pub enum VisitorRefusal {
 }
 
 impl VisitorRefusal {
+    /// Every reason, for metrics that start at zero.
+    pub const ALL: [VisitorRefusal; 7] = [
+        VisitorRefusal::SourceNotAllowed,
+        VisitorRefusal::RateLimited,
+        VisitorRefusal::TooManyVisitors,
+        VisitorRefusal::AgentNotConnected,
+        VisitorRefusal::AgentBusy,
+        VisitorRefusal::AgentFailed,
+        VisitorRefusal::NotSsh,
+    ];
+
     /// The snake_case name (as in the audit log), for metric labels.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -88,6 +88,16 @@ pub enum RevokeReason {
 }
 
 impl RevokeReason {
+    /// Every reason, for metrics that start at zero.
+    pub const ALL: [RevokeReason; 6] = [
+        RevokeReason::JoinTtlExpired,
+        RevokeReason::HardCap,
+        RevokeReason::GraceEnded,
+        RevokeReason::AgentLost,
+        RevokeReason::Deleted,
+        RevokeReason::PortLost,
+    ];
+
     /// The snake_case name (as in the API), for metric labels.
     pub fn as_str(self) -> &'static str {
         match self {

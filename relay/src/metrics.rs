@@ -10,7 +10,10 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
-use crate::lifecycle::SessionState;
+use porthole_protocol::{ErrorCode, Service};
+
+use crate::guards::VisitorRefusal;
+use crate::lifecycle::{RevokeReason, SessionState};
 use crate::shared::Relay;
 
 /// Every metric the relay exports.
@@ -177,7 +180,58 @@ impl Metrics {
             registry: r,
         };
         m.forwarding_mode.with_label_values(&["tls"]).set(1);
+        m.zero_known_series();
         Ok(m)
+    }
+
+    /// Creates every known label combination at 0, so series exist from the start and
+    /// `rate()`/`increase()` see the first event.
+    fn zero_known_series(&self) {
+        for service in Service::ALL.map(Service::as_str) {
+            self.visitors_total.with_label_values(&[service]);
+            self.visitors_active.with_label_values(&[service]);
+            for direction in ["in", "out"] {
+                self.bytes.with_label_values(&[service, direction]);
+            }
+        }
+        for reason in VisitorRefusal::ALL {
+            self.refusals.with_label_values(&[reason.as_str()]);
+        }
+        for reason in RevokeReason::ALL {
+            self.sessions_revoked.with_label_values(&[reason.as_str()]);
+        }
+        for kind in ["join", "resume"] {
+            self.registrations.with_label_values(&[kind]);
+        }
+        let codes = [
+            ErrorCode::VersionMismatch,
+            ErrorCode::BadToken,
+            ErrorCode::TokenUsed,
+            ErrorCode::SessionRevoked,
+            ErrorCode::SessionBusy,
+            ErrorCode::ServiceMismatch,
+            ErrorCode::BadFrame,
+            ErrorCode::FrameTooLarge,
+            ErrorCode::UnexpectedMessage,
+            ErrorCode::BadAttach,
+            ErrorCode::Internal,
+        ];
+        let reasons = ["tls", "timeout", "per_ip_limit"]
+            .into_iter()
+            .chain(codes.map(ErrorCode::as_str));
+        for reason in reasons {
+            self.handshake_failures.with_label_values(&[reason]);
+        }
+        for outcome in [
+            "served",
+            "unauthorized",
+            "forbidden",
+            "not_found",
+            "not_connected",
+            "gone",
+        ] {
+            self.instructions.with_label_values(&[outcome]);
+        }
     }
 
     /// Counts an agent connection refused before registration.

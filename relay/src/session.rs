@@ -220,7 +220,7 @@ impl Session {
     /// visitors forwarded over it. Waiting visitors are closed either way.
     fn end_link(&self, link_id: u64, now: SystemTime, cut_visitors: bool) {
         let mut inner = self.lock();
-        if !inner.link.as_ref().is_some_and(|l| l.id == link_id) {
+        if inner.link.as_ref().is_none_or(|l| l.id != link_id) {
             return;
         }
         if let Some(link) = inner.link.take() {

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 pub struct Proxy {
     /// Address agents connect to.
     pub addr: String,
-        /// Cancelling it cuts every current connection.
+    /// Cancelling it cuts every current connection.
     generation: Arc<Mutex<CancellationToken>>,
     /// Cancelling it makes every current connection go silent (no FIN, no RST).
     freezer: Arc<Mutex<CancellationToken>>,
@@ -34,7 +34,7 @@ impl Proxy {
                     a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
                     () = stop2.cancelled() => return,
                 };
-                                let cut = gen2.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                let cut = gen2.lock().unwrap_or_else(|p| p.into_inner()).clone();
                 let freeze = freeze2.lock().unwrap_or_else(|p| p.into_inner()).clone();
                 let (target, stop3) = (target.clone(), stop2.clone());
                 tokio::spawn(async move {
@@ -52,10 +52,15 @@ impl Proxy {
                 });
             }
         });
-        Ok(Self { addr, generation, freezer, stop })
+        Ok(Self {
+            addr,
+            generation,
+            freezer,
+            stop,
+        })
     }
 
-        /// Stops forwarding on every connection open now without closing any (a link that
+    /// Stops forwarding on every connection open now without closing any (a link that
     /// dies silently); new connections still pass.
     pub fn freeze(&self) {
         let mut f = self.freezer.lock().unwrap_or_else(|p| p.into_inner());

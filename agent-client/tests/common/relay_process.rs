@@ -14,17 +14,25 @@ use serde_json::Value;
 /// `scripts/test.sh` builds it).
 pub fn binary() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
-    let dir = exe.parent().and_then(Path::parent).context("test binary has no target dir")?;
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("test binary has no target dir")?;
     let relay = dir.join("porthole-relay");
     if !relay.exists() {
-        bail!("{} is missing: build it with `cargo build -p porthole-relay` (scripts/test.sh does)", relay.display());
+        bail!(
+            "{} is missing: build it with `cargo build -p porthole-relay` (scripts/test.sh does)",
+            relay.display()
+        );
     }
     Ok(relay)
 }
 
 /// A free loopback port (bound and released).
 pub fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 /// Fixed addresses and data dir, so a restarted relay comes back at the same place.
@@ -51,7 +59,7 @@ impl RelaySetup {
         })
     }
 
-        /// Starts the relay and waits for its banner.
+    /// Starts the relay and waits for its banner.
     pub fn start(&self) -> anyhow::Result<RelayProcess> {
         self.start_with(&[])
     }
@@ -82,9 +90,15 @@ impl RelaySetup {
             }
         });
         let mut pin = None;
-        let mut process = RelayProcess { child, pin: String::new(), api: format!("http://127.0.0.1:{}", self.api_port) };
+        let mut process = RelayProcess {
+            child,
+            pin: String::new(),
+            api: format!("http://127.0.0.1:{}", self.api_port),
+        };
         while pin.is_none() {
-            let line = rx.recv_timeout(Duration::from_secs(20)).context("relay did not print its banner")?;
+            let line = rx
+                .recv_timeout(Duration::from_secs(20))
+                .context("relay did not print its banner")?;
             if let Some(fp) = line.trim().strip_prefix("SHA-256") {
                 pin = Some(fp.trim().to_owned());
             }
@@ -95,14 +109,24 @@ impl RelaySetup {
 
     /// The admin token the relay created.
     pub fn admin_token(&self) -> anyhow::Result<String> {
-        Ok(std::fs::read_to_string(self.data.path().join("admin.token"))?.trim().to_owned())
+        Ok(
+            std::fs::read_to_string(self.data.path().join("admin.token"))?
+                .trim()
+                .to_owned(),
+        )
     }
 
     /// An API client with the admin token.
     pub fn http(&self) -> anyhow::Result<reqwest::blocking::Client> {
         let mut headers = reqwest::header::HeaderMap::new();
-        headers.insert(reqwest::header::AUTHORIZATION, format!("Bearer {}", self.admin_token()?).parse()?);
-        Ok(reqwest::blocking::Client::builder().default_headers(headers).timeout(Duration::from_secs(10)).build()?)
+        headers.insert(
+            reqwest::header::AUTHORIZATION,
+            format!("Bearer {}", self.admin_token()?).parse()?,
+        );
+        Ok(reqwest::blocking::Client::builder()
+            .default_headers(headers)
+            .timeout(Duration::from_secs(10))
+            .build()?)
     }
 }
 
@@ -124,21 +148,30 @@ impl RelayProcess {
         Ok(())
     }
 
-        /// Sends `signal` (e.g. `TERM`, `HUP`) with `kill`.
+    /// Sends `signal` (e.g. `TERM`, `HUP`) with `kill`.
     pub fn signal(&self, signal: &str) -> anyhow::Result<()> {
-        let status = Command::new("kill").arg(format!("-{signal}")).arg(self.child.id().to_string()).status()?;
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()?;
         anyhow::ensure!(status.success(), "kill -{signal} failed");
         Ok(())
     }
 
     /// Waits for the relay to exit.
     pub fn wait_exit(&mut self, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
-        super::wait_for("porthole-relay to exit", timeout, || self.child.try_wait().ok().flatten())
+        super::wait_for("porthole-relay to exit", timeout, || {
+            self.child.try_wait().ok().flatten()
+        })
     }
 
     /// GET a session.
     pub fn session(&self, http: &reqwest::blocking::Client, id: &str) -> anyhow::Result<Value> {
-        Ok(http.get(format!("{}/v1/sessions/{id}", self.api)).send()?.error_for_status()?.json()?)
+        Ok(http
+            .get(format!("{}/v1/sessions/{id}", self.api))
+            .send()?
+            .error_for_status()?
+            .json()?)
     }
 }
 
