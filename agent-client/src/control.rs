@@ -8,7 +8,7 @@ use futures_util::{SinkExt, StreamExt};
 use porthole_protocol::codec::MessageCodec;
 use porthole_protocol::limits::PROTOCOL_VERSION;
 use porthole_protocol::message::HelloAuth;
-use porthole_protocol::{ErrorCode, Message, Secret};
+use porthole_protocol::{ErrorCode, FrameError, Message, Secret};
 use tokio::sync::{mpsc, watch};
 use tokio_util::codec::Framed;
 
@@ -16,6 +16,11 @@ use crate::error::AgentError;
 use crate::events::AgentEvent;
 use crate::visitor::{self, Open};
 use crate::Context;
+
+/// Bounds on the heartbeat interval a relay may ask for.
+const MIN_HEARTBEAT_MS: u64 = 100;
+/// See [`MIN_HEARTBEAT_MS`].
+const MAX_HEARTBEAT_MS: u64 = 3_600_000;
 
 /// Open-failed reports queued from visitor tasks to the link.
 const FAILURE_QUEUE: usize = 256;
@@ -83,7 +88,10 @@ pub async fn run(
                 deadline,
                 resumed,
             });
-            (session_id, Duration::from_millis(heartbeat_ms.max(100)))
+            (
+                session_id,
+                Duration::from_millis(heartbeat_ms.clamp(MIN_HEARTBEAT_MS, MAX_HEARTBEAT_MS)),
+            )
         }
         Ok(Some(Ok(Message::Error { code, message }))) => {
             return Err(AgentError::Refused { code, message })
@@ -117,16 +125,18 @@ pub async fn run(
     let mut last_heard = Instant::now();
     let mut seq = 0u64;
     loop {
+        // A relay that stops reading must not freeze the loop either.
+        let limit = heartbeat.saturating_mul(3);
         let sent = tokio::select! {
             () = ctx.cancel.cancelled() => return Ok(LinkEnd::Shutdown),
-            Ok(()) = finished.changed() => framed.send(Message::Finish).await,
-            Some(msg) = fail_rx.recv() => framed.send(msg).await,
+            Ok(()) = finished.changed() => send(&mut framed, Message::Finish, limit).await,
+            Some(msg) = fail_rx.recv() => send(&mut framed, msg, limit).await,
             _ = ticker.tick() => {
-                if last_heard.elapsed() > heartbeat * 3 {
+                if last_heard.elapsed() > limit {
                     return Err(AgentError::LinkLost("no frame from the relay for three heartbeat intervals".into()));
                 }
                 seq += 1;
-                framed.send(Message::Ping { seq }).await
+                send(&mut framed, Message::Ping { seq }, limit).await
             }
             frame = framed.next() => {
                 last_heard = Instant::now();
@@ -136,7 +146,7 @@ pub async fn run(
                         ctx.tasks.spawn(visitor::serve(ctx.clone(), open, fail_tx.clone()));
                         Ok(())
                     }
-                    Some(Ok(Message::Ping { seq })) => framed.send(Message::Pong { seq }).await,
+                    Some(Ok(Message::Ping { seq })) => send(&mut framed, Message::Pong { seq }, limit).await,
                     Some(Ok(Message::Pong { .. })) => Ok(()),
                     Some(Ok(Message::Deadline { deadline_unix_ms, .. })) => {
                         ctx.report(AgentEvent::Deadline { deadline: from_unix_ms(deadline_unix_ms) });
@@ -163,4 +173,22 @@ pub async fn run(
 
 fn from_unix_ms(ms: u64) -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_millis(ms)
+}
+
+/// Sends one frame, failing when the relay has not taken it within `limit`.
+async fn send<S>(
+    framed: &mut Framed<S, MessageCodec>,
+    msg: Message,
+    limit: Duration,
+) -> Result<(), FrameError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    match tokio::time::timeout(limit, framed.send(msg)).await {
+        Ok(sent) => sent,
+        Err(_) => Err(FrameError::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "the relay stopped reading the control connection",
+        ))),
+    }
 }

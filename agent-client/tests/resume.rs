@@ -219,3 +219,125 @@ async fn wait_for_async<T, F: std::future::Future<Output = Option<T>>>(
     }
     anyhow::bail!("timed out after 10 s")
 }
+
+/// Sends a ping on a registered raw link and waits for the pong: the relay then knows the
+/// agent got its `registered`.
+async fn confirm(framed: &mut Framed<TlsStream<TcpStream>, MessageCodec>) -> anyhow::Result<()> {
+    framed.send(Message::Ping { seq: 7 }).await?;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), framed.next()).await? {
+            Some(Ok(Message::Pong { seq: 7 })) => return Ok(()),
+            Some(Ok(_)) => continue,
+            other => anyhow::bail!("no pong: {other:?}"),
+        }
+    }
+}
+
+fn registered(answer: &Message) -> Option<(String, Secret)> {
+    match answer {
+        Message::Registered {
+            session_id,
+            resume_secret,
+            ..
+        } => Some((session_id.clone(), resume_secret.clone())),
+        _ => None,
+    }
+}
+
+#[test]
+fn a_lost_registered_answer_never_locks_the_agent_out() -> anyhow::Result<()> {
+    let relay = TestRelay::start()?;
+    let session = relay.create(&["ssh"], None)?;
+    relay.rt.block_on(async {
+        let join = || HelloAuth::Join {
+            token: Secret::new(session.token.clone()),
+        };
+        // The first `registered` is "lost": the agent never acts on it and the link drops.
+        let (lost, answer) = raw_hello(&relay, join()).await?;
+        let (session_id, first_secret) = registered(&answer).context("first join")?;
+        drop(lost);
+        // The agent, still holding only its join token, joins again: allowed.
+        let (mut link, answer) = wait_for_async(|| async {
+            raw_hello(&relay, join())
+                .await
+                .ok()
+                .filter(|(_, a)| registered(a).is_some())
+        })
+        .await?;
+        let (_, second_secret) = registered(&answer).context("second join")?;
+        confirm(&mut link).await?;
+        drop(link);
+        // Confirmed: now the join token is spent for good.
+        let refused = wait_for_async(|| async {
+            let (_, a) = raw_hello(&relay, join()).await.ok()?;
+            matches!(
+                a,
+                Message::Error {
+                    code: ErrorCode::TokenUsed,
+                    ..
+                }
+            )
+            .then_some(())
+        })
+        .await;
+        ensure!(
+            refused.is_ok(),
+            "after a confirmed join the token must be refused with token_used"
+        );
+        // The unconfirmed first secret was never confirmed, so it is not valid.
+        let resume = |s: &Secret| HelloAuth::Resume {
+            session_id: session_id.clone(),
+            secret: s.clone(),
+        };
+        let (_, a) = raw_hello(&relay, resume(&first_secret)).await?;
+        ensure!(
+            matches!(
+                a,
+                Message::Error {
+                    code: ErrorCode::BadToken,
+                    ..
+                }
+            ),
+            "stale secret: {a:?}"
+        );
+        // A resume whose answer is lost: the secret used stays valid until the agent confirms.
+        let (lost, a) = raw_hello(&relay, resume(&second_secret)).await?;
+        let (_, third_secret) = registered(&a).context("resume")?;
+        drop(lost);
+        let (mut link, _) = wait_for_async(|| async {
+            raw_hello(&relay, resume(&second_secret))
+                .await
+                .ok()
+                .filter(|(_, a)| registered(a).is_some())
+        })
+        .await?;
+        confirm(&mut link).await?;
+        drop(link);
+        // Both older secrets are now spent.
+        for stale in [&second_secret, &third_secret] {
+            let answer = wait_for_async(|| async {
+                let (_, a) = raw_hello(&relay, resume(stale)).await.ok()?;
+                (!matches!(
+                    a,
+                    Message::Error {
+                        code: ErrorCode::SessionBusy,
+                        ..
+                    }
+                ))
+                .then_some(a)
+            })
+            .await?;
+            ensure!(
+                matches!(
+                    answer,
+                    Message::Error {
+                        code: ErrorCode::BadToken,
+                        ..
+                    }
+                ),
+                "stale secret accepted: {answer:?}"
+            );
+        }
+        anyhow::Ok(())
+    })
+}

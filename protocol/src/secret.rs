@@ -12,9 +12,18 @@ use crate::limits::SECRET_BYTES;
 
 /// A secret string. `Debug` prints `Secret(***)`; use [`Secret::expose`] where the value is
 /// really needed (sending it on the wire, writing a token file).
-#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct Secret(String);
+
+/// Equality of secrets is constant-time, like every other comparison of them.
+impl PartialEq for Secret {
+    fn eq(&self, other: &Self) -> bool {
+        self.ct_eq(other)
+    }
+}
+
+impl Eq for Secret {}
 
 /// SHA-256 of a secret: what the relay keeps instead of the secret itself.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]

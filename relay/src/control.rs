@@ -9,7 +9,7 @@ use std::time::{Instant, SystemTime};
 use futures_util::{SinkExt, StreamExt};
 use porthole_protocol::limits::PROTOCOL_VERSION;
 use porthole_protocol::message::HelloAuth;
-use porthole_protocol::{Credential, ErrorCode, Message, Service};
+use porthole_protocol::{Credential, ErrorCode, FrameError, Message, Service};
 
 use crate::access::Access;
 use crate::agent_endpoint::{refuse, AgentFramed};
@@ -95,7 +95,11 @@ async fn serve(relay: &Relay, mut framed: AgentFramed, mut reg: Registration) {
     let mut ticker = tokio::time::interval(interval);
     let mut last_heard = Instant::now();
     let mut seq = 0u64;
-    let mut result = framed.send(registered).await;
+    // A peer that stops reading must not freeze the loop: every send gets the same limit
+    // as silence, three heartbeat intervals.
+    let limit = interval.saturating_mul(3);
+    let mut confirmed = false;
+    let mut result = send(&mut framed, registered, limit).await;
     while result.is_ok() {
         tokio::select! {
             () = reg.link.cancel.cancelled() => break,
@@ -106,19 +110,23 @@ async fn serve(relay: &Relay, mut framed: AgentFramed, mut reg: Registration) {
                 session.link_released(reg.link.id, SystemTime::now());
                 return;
             }
-            Some(msg) = reg.rx.recv() => result = framed.send(msg).await,
+            Some(msg) = reg.rx.recv() => result = send(&mut framed, msg, limit).await,
             _ = ticker.tick() => {
-                if last_heard.elapsed() > interval * 3 {
+                if last_heard.elapsed() > limit {
                     tracing::warn!(session_id = %session.id, "agent link dead: no frame for three heartbeat intervals");
                     break;
                 }
                 seq += 1;
-                result = framed.send(Message::Ping { seq }).await;
+                result = send(&mut framed, Message::Ping { seq }, limit).await;
             }
             frame = framed.next() => {
                 last_heard = Instant::now();
+                if !confirmed && matches!(frame, Some(Ok(_))) {
+                    relay.confirm_registration(&session, reg.link.id);
+                    confirmed = true;
+                }
                 match frame {
-                    Some(Ok(Message::Ping { seq })) => result = framed.send(Message::Pong { seq }).await,
+                    Some(Ok(Message::Ping { seq })) => result = send(&mut framed, Message::Pong { seq }, limit).await,
                     Some(Ok(Message::Pong { .. })) => {}
                     Some(Ok(Message::Finish)) => {
                         if let Err(e) = relay.finish(&session, "agent") {
@@ -162,4 +170,19 @@ async fn serve(relay: &Relay, mut framed: AgentFramed, mut reg: Registration) {
         let _ = tokio::time::timeout(FAREWELL_TIMEOUT, farewell).await;
     }
     session.link_lost(reg.link.id, SystemTime::now());
+}
+
+/// Sends one frame, failing when the agent has not taken it within `limit`.
+async fn send(
+    framed: &mut AgentFramed,
+    msg: Message,
+    limit: std::time::Duration,
+) -> Result<(), FrameError> {
+    match tokio::time::timeout(limit, framed.send(msg)).await {
+        Ok(sent) => sent,
+        Err(_) => Err(FrameError::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "the agent stopped reading its control connection",
+        ))),
+    }
 }

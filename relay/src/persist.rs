@@ -7,7 +7,7 @@ use std::time::{Instant, SystemTime};
 
 use crate::error::RelayError;
 use crate::guards::Guards;
-use crate::lifecycle::RevokeReason;
+use crate::lifecycle::{LifetimePolicy, RevokeReason};
 use crate::session::{Session, SessionInner, SessionSpec};
 use crate::shared::Relay;
 use crate::store::{hash_from_hex, hash_hex, StoredSession, FORMAT};
@@ -24,6 +24,8 @@ impl Relay {
             endpoints: session.endpoints.clone(),
             join_hash: hash_hex(session.join_hash),
             resume_hash: inner.resume_hash.map(hash_hex),
+            pending_resume_hash: inner.pending_resume_hash.map(hash_hex),
+            confirmed: inner.confirmed,
             allow_cidrs: session.guards.allow_cidrs().to_vec(),
             max_visitors: session.max_visitors,
             created_at_ms: 0,
@@ -49,7 +51,13 @@ impl Relay {
         let now = SystemTime::now();
         let mut live = 0;
         for record in self.store.load_all()? {
-            let life = record.lifecycle(now);
+            let mut life = record.lifecycle(now);
+            // Visitors of an extend_while_connected session were cut by the restart: that is
+            // the last visitor leaving, which starts a fresh grace.
+            if life.policy == LifetimePolicy::ExtendWhileConnected && life.revoked.is_none() {
+                life.on_visitor_joined();
+                life.on_visitor_left(now);
+            }
             if let Some((_, revoked_at)) = life.revoked {
                 let age = now.duration_since(revoked_at).unwrap_or_default();
                 if age >= self.config.revoked_retention {
@@ -99,10 +107,12 @@ impl Relay {
     fn session_from(&self, r: &StoredSession) -> Result<Session, RelayError> {
         let bad = |what: &str| RelayError::Store(format!("session {}: bad {what}", r.id));
         let join_hash = hash_from_hex(&r.join_hash).ok_or_else(|| bad("join hash"))?;
-        let resume_hash = match &r.resume_hash {
-            Some(h) => Some(hash_from_hex(h).ok_or_else(|| bad("resume hash"))?),
-            None => None,
+        let parse = |h: &Option<String>, what: &str| match h {
+            Some(h) => hash_from_hex(h).map(Some).ok_or_else(|| bad(what)),
+            None => Ok(None),
         };
+        let resume_hash = parse(&r.resume_hash, "resume hash")?;
+        let pending_resume_hash = parse(&r.pending_resume_hash, "pending resume hash")?;
         let c = &self.config;
         let spec = SessionSpec {
             id: r.id.clone(),
@@ -122,7 +132,12 @@ impl Relay {
             r.lifecycle(SystemTime::now()),
             self.cancel.child_token(),
         );
-        session.lock().resume_hash = resume_hash;
+        {
+            let mut inner = session.lock();
+            inner.resume_hash = resume_hash;
+            inner.pending_resume_hash = pending_resume_hash;
+            inner.confirmed = r.confirmed;
+        }
         Ok(session)
     }
 }

@@ -125,10 +125,11 @@ impl PortPool {
     pub fn release(&self, ports: &[u16]) {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let until = Instant::now() + self.cooldown;
+        // Always cool, also ports this run never bound (a session revoked while being
+        // restored): a user holding an old command must not land on another build.
         for port in ports {
-            if inner.in_use.remove(port) {
-                inner.cooling.insert(*port, until);
-            }
+            inner.in_use.remove(port);
+            inner.cooling.insert(*port, until);
         }
     }
 

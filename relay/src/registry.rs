@@ -174,8 +174,11 @@ impl Relay {
             .get(session_id)
             .map(|s| s.value().clone())
             .ok_or_else(bad)?;
-        let known = session.lock().resume_hash;
-        if !known.is_some_and(|h| secret.matches(&h)) {
+        let known = {
+            let inner = session.lock();
+            [inner.resume_hash, inner.pending_resume_hash]
+        };
+        if !known.iter().flatten().any(|h| secret.matches(h)) {
             return Err(bad());
         }
         self.register(session, agent, true)
@@ -203,7 +206,9 @@ impl Relay {
                 format!("session {} was revoked: {}", session.id, reason.describe()),
             ));
         }
-        if !resume && inner.life.joined {
+        // A join token is spent once an agent confirmed a registration made with it; before
+        // that (the `registered` answer may have been lost) it may join again.
+        if !resume && inner.life.joined && inner.confirmed {
             return Err((ErrorCode::TokenUsed, format!(
                 "join token of session {} was already used by an agent; a reconnecting agent resumes with its resume secret",
                 session.id)));
@@ -224,8 +229,13 @@ impl Relay {
             cancel: session.cancel.child_token(),
         };
         let resume_secret = Secret::generate("phr_");
-        let before = (inner.resume_hash, inner.life.clone());
-        inner.resume_hash = Some(resume_secret.hash());
+        let before = (
+            inner.pending_resume_hash,
+            inner.confirmed,
+            inner.life.clone(),
+        );
+        inner.pending_resume_hash = Some(resume_secret.hash());
+        inner.confirmed = false;
         if resume {
             inner.life.on_resume()
         } else {
@@ -234,7 +244,7 @@ impl Relay {
         // The spent join token and the new resume secret are durable before the agent
         // hears `registered`.
         if let Err(e) = self.persist(&session, &inner) {
-            (inner.resume_hash, inner.life) = before;
+            (inner.pending_resume_hash, inner.confirmed, inner.life) = before;
             tracing::error!(session_id = %session.id, error = %e, "cannot save the registration");
             return Err((
                 ErrorCode::Internal,
@@ -266,6 +276,48 @@ impl Relay {
             resume_secret,
             resumed: resume,
         })
+    }
+
+    /// The agent on link `link_id` proved it got its `registered` (it sent a frame on the
+    /// new link): its new resume secret becomes the only valid one, and a join token is
+    /// spent for good.
+    pub fn confirm_registration(&self, session: &Session, link_id: u64) {
+        let mut inner = session.lock();
+        if inner.confirmed || inner.link.as_ref().is_none_or(|l| l.id != link_id) {
+            return;
+        }
+        if let Some(pending) = inner.pending_resume_hash.take() {
+            inner.resume_hash = Some(pending);
+        }
+        inner.confirmed = true;
+        if let Err(e) = self.persist(session, &inner) {
+            tracing::warn!(session_id = %session.id, error = %e, "cannot save the confirmed registration");
+        }
+    }
+
+    /// A deadline moved by itself (the last visitor of an `extend_while_connected` session
+    /// left): save it and tell the agent.
+    pub fn announce_deadline(&self, session: &Session) {
+        let inner = session.lock();
+        if inner.life.revoked.is_some() {
+            return;
+        }
+        if let Err(e) = self.persist(session, &inner) {
+            tracing::warn!(session_id = %session.id, error = %e, "cannot save the new deadline");
+        }
+        let deadline = inner.life.deadline().0;
+        let finishing = inner.life.finish_deadline.is_some();
+        let link = inner.link.clone();
+        drop(inner);
+        if let Some(link) = link {
+            let msg = Message::Deadline {
+                deadline_unix_ms: unix_ms(deadline),
+                finishing,
+            };
+            if link.tx.try_send(msg).is_err() {
+                tracing::debug!(session_id = %session.id, "could not queue deadline update for the agent");
+            }
+        }
     }
 
     /// The build finished (`by`: `agent` or `api`): start the grace period and tell the

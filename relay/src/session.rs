@@ -49,6 +49,7 @@ impl Drop for VisitorGuard {
     fn drop(&mut self) {
         let changed = self.session.lock().life.on_visitor_left(SystemTime::now());
         if changed {
+            self.session.deadline_moved.store(true, Ordering::Relaxed);
             self.session.changed.notify_one();
         }
     }
@@ -82,8 +83,15 @@ pub struct SessionInner {
     pub life: Lifecycle,
     /// The agent's control link, while connected.
     pub link: Option<Link>,
-    /// Hash of the current resume secret (set when an agent registers).
+    /// Hash of the resume secret the agent is known to hold (confirmed).
     pub resume_hash: Option<SecretHash>,
+    /// Hash of the resume secret sent in the latest `registered`, until the agent proves it
+    /// got it (its first frame on the new link). Both it and `resume_hash` are accepted
+    /// meanwhile, so a lost `registered` never locks the agent out.
+    pub pending_resume_hash: Option<SecretHash>,
+    /// Whether the agent confirmed its latest registration. Until the first confirmation the
+    /// join token stays usable (while no agent is connected).
+    pub confirmed: bool,
     /// Credentials and host keys from the agent (memory only; dropped at revocation).
     pub access: Option<Access>,
 }
@@ -126,6 +134,8 @@ pub struct Session {
     next_id: AtomicU64,
     /// Whether a visitor was ever forwarded (for the time-to-first-visitor metric).
     had_visitor: AtomicBool,
+    /// Set when a visitor leaving moved the deadline; the supervisor saves and announces it.
+    pub deadline_moved: AtomicBool,
 }
 
 impl Session {
@@ -145,11 +155,14 @@ impl Session {
                 life,
                 link: None,
                 resume_hash: None,
+                pending_resume_hash: None,
+                confirmed: false,
                 access: None,
             }),
             pending: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             had_visitor: AtomicBool::new(false),
+            deadline_moved: AtomicBool::new(false),
         }
     }
 

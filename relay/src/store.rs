@@ -43,8 +43,14 @@ pub struct StoredSession {
     pub endpoints: Vec<Endpoint>,
     /// SHA-256 of the join token, hex.
     pub join_hash: String,
-    /// SHA-256 of the current resume secret, hex.
+    /// SHA-256 of the confirmed resume secret, hex.
     pub resume_hash: Option<String>,
+    /// SHA-256 of the resume secret awaiting the agent's confirmation, hex.
+    #[serde(default)]
+    pub pending_resume_hash: Option<String>,
+    /// Whether the agent confirmed its latest registration.
+    #[serde(default = "yes")]
+    pub confirmed: bool,
     /// Allowed sources.
     pub allow_cidrs: Vec<IpNet>,
     /// Concurrent visitor cap.
@@ -67,6 +73,10 @@ pub struct StoredSession {
     pub finish_deadline_ms: Option<u64>,
     /// Revocation reason and time.
     pub revoked: Option<(RevokeReason, u64)>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Milliseconds since the Unix epoch.
@@ -233,6 +243,8 @@ mod tests {
             }],
             join_hash: hash_hex(Secret::new("phj_x").hash()),
             resume_hash: None,
+            pending_resume_hash: None,
+            confirmed: false,
             allow_cidrs: vec![],
             max_visitors: 16,
             created_at_ms: 0,

@@ -30,7 +30,11 @@ pub async fn run(relay: Arc<Relay>, session: Arc<Session>) {
                     relay.revoke(&session, reason);
                 }
             }
-            () = session.changed.notified() => {}
+                        () = session.changed.notified() => {
+                if session.deadline_moved.swap(false, std::sync::atomic::Ordering::Relaxed) {
+                    relay.announce_deadline(&session);
+                }
+            }
             () = relay.cancel.cancelled() => return,
         }
     }

@@ -98,7 +98,7 @@ impl UserTokens {
         Self {
             key: DecodingKey::from_secret(secret),
             validation: validation(),
-            denied_roles: denied_roles.iter().map(|r| r.to_lowercase()).collect(),
+            denied_roles: denied_roles.iter().map(|r| normalize_role(r)).collect(),
         }
     }
 
@@ -110,13 +110,23 @@ impl UserTokens {
             .map_err(|e| format!("invalid user token: {e}"))
     }
 
-    /// The first of the claims' roles that is denied, if any (case-insensitive).
+    /// The first of the claims' roles that is denied, if any (case- and
+    /// surrounding-space-insensitive). A token naming no role at all is denied too: access
+    /// must never depend on a claim being absent.
     pub fn denied_role<'a>(&self, claims: &'a UserClaims) -> Option<&'a str> {
+        if claims.role.iter().all(|r| r.trim().is_empty()) {
+            return Some("");
+        }
         claims
             .role
             .iter()
-            .find(|r| self.denied_roles.contains(&r.to_lowercase()))
+            .find(|r| self.denied_roles.contains(&normalize_role(r)))
     }
+}
+
+/// How roles are compared: surrounding spaces dropped, lowercase.
+fn normalize_role(role: &str) -> String {
+    role.trim().to_lowercase()
 }
 
 /// Signs a user token (for `porthole-relay mint-user-token` and tests).
@@ -229,5 +239,42 @@ mod tests {
         // {"alg":"none","typ":"JWT"} . {"sub":"u","app_id":"a","role":"dev","exp":9999999999} .
         let none = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJzdWIiOiJ1IiwiYXBwX2lkIjoiYSIsInJvbGUiOiJkZXYiLCJleHAiOjk5OTk5OTk5OTl9.";
         assert!(tokens().verify(none).is_err());
+    }
+
+    #[test]
+    fn padded_roles_and_tokens_without_roles_are_denied() {
+        let base = UserClaims {
+            sub: "u".into(),
+            app_id: "a".into(),
+            role: Roles::One(" QA ".into()),
+            exp: 0,
+            nbf: None,
+            iat: None,
+        };
+        assert!(
+            tokens().denied_role(&base).is_some(),
+            "surrounding spaces do not hide a role"
+        );
+        let none = UserClaims {
+            role: Roles::Many(vec![]),
+            ..base.clone()
+        };
+        assert!(
+            tokens().denied_role(&none).is_some(),
+            "an empty role list is denied"
+        );
+        let blank = UserClaims {
+            role: Roles::One("  ".into()),
+            ..base.clone()
+        };
+        assert!(
+            tokens().denied_role(&blank).is_some(),
+            "a blank role is denied"
+        );
+        let dev = UserClaims {
+            role: Roles::One("developer".into()),
+            ..base
+        };
+        assert_eq!(tokens().denied_role(&dev), None);
     }
 }

@@ -217,6 +217,13 @@ pub async fn create(
     State(relay): State<Arc<Relay>>,
     body: Bytes,
 ) -> Result<(StatusCode, Json<Created>), ApiError> {
+    if relay.stopping.is_cancelled() {
+        return Err(ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            code: "shutting_down",
+            message: "the relay is shutting down: create the session on the restarted relay".into(),
+        });
+    }
     let req = parse_create(&body)?;
     let (session, join_token) = relay.create_session(req)?;
     let (hard_cap, join_by) = {

@@ -52,10 +52,23 @@ impl RelayConfig {
                 "must be more than 0, e.g. \"10s\"",
             ));
         }
-        if self.port_cooldown > MAX_PORT_COOLDOWN {
+        // Upper bounds keep every deadline computed from these far from overflow and catch
+        // unit mistakes ("10000h").
+        let hour = Duration::from_secs(3600);
+        let at_most = [
+            ("port_cooldown", self.port_cooldown, MAX_PORT_COOLDOWN),
+            ("join_ttl", self.join_ttl, 7 * 24 * hour),
+            ("resume_window", self.resume_window, 7 * 24 * hour),
+            ("heartbeat_interval", self.heartbeat_interval, hour),
+            ("handshake_timeout", self.handshake_timeout, hour),
+            ("open_timeout", self.open_timeout, hour),
+            ("revoked_retention", self.revoked_retention, 30 * 24 * hour),
+            ("shutdown_grace", self.shutdown_grace, hour),
+        ];
+        if let Some((key, _, max)) = at_most.iter().find(|(_, d, max)| d > max) {
             return Err(InvalidSetting::new(
-                "port_cooldown",
-                format!("at most {}", humantime::format_duration(MAX_PORT_COOLDOWN)),
+                key,
+                format!("at most {}", humantime::format_duration(*max)),
             ));
         }
         Ok(())
