@@ -286,3 +286,39 @@ fn ssh_ports_turn_away_scanners_before_the_agent_hears_of_them() -> anyhow::Resu
     );
     Ok(())
 }
+
+/// Visitors that have not shown they are SSH clients hold bounded slots: 32 per source at
+/// most (relay-wide), so silent connections from one address cannot pile up; the next one
+/// is closed at once while another source still gets in.
+#[test]
+fn silent_visitors_from_one_source_are_capped() -> anyhow::Result<()> {
+    let relay = TestRelay::start_with(|c| {
+        c.handshake_timeout = Duration::from_secs(30);
+        c.visitor_rate_burst = 1000;
+        c.visitor_rate_per_minute = 1000;
+    })?;
+    let g = guarded(&relay, json!({"max_visitors": 100}))?;
+    let port = g.created.port("ssh");
+    // 32 silent connections from 127.0.0.1 (they never send an SSH line).
+    let silent: Vec<std::net::TcpStream> = (0..32)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", port)))
+        .collect::<Result<_, _>>()?;
+    // Let the relay take all 32 into the banner wait before the 33rd arrives.
+    wait_for("32 visitors waiting for their SSH line", Duration::from_secs(10), || {
+        let pending = relay.handle.relay.pending_visitors_per_ip.clone();
+        let probe = pending.try_acquire(ip(127, 0, 0, 1));
+        probe.is_none().then_some(())
+    })?;
+    let mut extra = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    extra.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut buf = [0u8; 8];
+    let n = std::io::Read::read(&mut extra, &mut buf).unwrap_or(0);
+    ensure!(n == 0, "the 33rd silent visitor must be closed at once");
+    // Another source is not affected.
+    let mut other = relay.connect_from(ip(127, 0, 0, 9), port)?;
+    echo_on(&mut other, b"different source\n")?;
+    drop(silent);
+    let refused = relay.audit_lines()?.into_iter().filter(|l| l["reason"] == "too_many_pending").count();
+    ensure!(refused >= 1, "a too_many_pending refusal in the audit log");
+    Ok(())
+}

@@ -79,7 +79,11 @@ async fn handle(
         let first = framed.next().await;
         Ok::<_, std::io::Error>((framed, first))
     };
-    let outcome = tokio::time::timeout(relay.config.handshake_timeout, handshake).await;
+    let outcome = tokio::select! {
+        outcome = tokio::time::timeout(relay.config.handshake_timeout, handshake) => outcome,
+        // Shutdown does not wait for strangers' handshakes.
+        () = relay.cancel.cancelled() => return,
+    };
     drop(permit);
     let (mut framed, first) = match outcome {
         Ok(Ok(got)) => got,

@@ -32,11 +32,14 @@ pub enum VisitorRefusal {
     AgentFailed,
     /// An SSH port got something other than an SSH client's identification in time.
     NotSsh,
+    /// Too many visitors (relay-wide, or from this source) are still to show they are SSH
+    /// clients.
+    TooManyPending,
 }
 
 impl VisitorRefusal {
     /// Every reason, for metrics that start at zero.
-    pub const ALL: [VisitorRefusal; 7] = [
+    pub const ALL: [VisitorRefusal; 8] = [
         VisitorRefusal::SourceNotAllowed,
         VisitorRefusal::RateLimited,
         VisitorRefusal::TooManyVisitors,
@@ -44,6 +47,7 @@ impl VisitorRefusal {
         VisitorRefusal::AgentBusy,
         VisitorRefusal::AgentFailed,
         VisitorRefusal::NotSsh,
+        VisitorRefusal::TooManyPending,
     ];
 
     /// The snake_case name (as in the audit log), for metric labels.
@@ -56,6 +60,7 @@ impl VisitorRefusal {
             VisitorRefusal::AgentBusy => "agent_busy",
             VisitorRefusal::AgentFailed => "agent_failed",
             VisitorRefusal::NotSsh => "not_ssh",
+            VisitorRefusal::TooManyPending => "too_many_pending",
         }
     }
 }
@@ -95,6 +100,7 @@ impl Guards {
     /// Checks a new connection from `ip`.
     pub fn admit(&self, ip: IpAddr) -> Result<(), VisitorRefusal> {
         let ip = ip.to_canonical();
+        let source = crate::preauth::source_key(ip);
         if !self.allow.is_empty() && !self.allow.iter().any(|net| net.contains(&ip)) {
             return Err(VisitorRefusal::SourceNotAllowed);
         }
@@ -102,7 +108,7 @@ impl Guards {
             self.limiter.retain_recent();
         }
         self.limiter
-            .check_key(&ip)
+            .check_key(&source)
             .map_err(|_| VisitorRefusal::RateLimited)
     }
 }

@@ -34,6 +34,13 @@ pub const FAREWELL_TIMEOUT: Duration = Duration::from_secs(2);
 /// need one control and a few data handshakes at a time).
 pub const MAX_PENDING_HANDSHAKES_PER_IP: usize = 64;
 
+/// Visitors (all sessions) that may wait at once for their SSH identification line.
+pub const MAX_PENDING_VISITORS: usize = 4096;
+
+/// Visitors from one source (IPv4 address, IPv6 /64) that may wait at once for their SSH
+/// identification line, over all sessions.
+pub const MAX_PENDING_VISITORS_PER_IP: usize = 32;
+
 /// Bytes of an SSH client's identification line read before deciding (RFC 4253 allows 255).
 pub const SSH_BANNER_MAX: usize = 255;
 

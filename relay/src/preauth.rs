@@ -6,6 +6,18 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
+/// The address limits count against: IPv4 as is, IPv6 by /64 (one host usually holds a
+/// whole /64, so per-address limits would not slow it down).
+pub fn source_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(prefix.into())
+        }
+        v4 => v4,
+    }
+}
+
 /// Pending handshakes per source IP.
 #[derive(Debug)]
 pub struct PerIpLimit {
@@ -35,7 +47,7 @@ impl PerIpLimit {
 
     /// A permit for `ip`, or None when it already has `max` handshakes pending.
     pub fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Option<PerIpPermit> {
-        let ip = ip.to_canonical();
+        let ip = source_key(ip);
         let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         let count = counts.entry(ip).or_insert(0);
         if *count >= self.max {
@@ -64,6 +76,19 @@ impl Drop for PerIpPermit {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ipv6_sources_count_by_slash_64() {
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap_or(IpAddr::from([0u8; 16]));
+        let b: IpAddr = "2001:db8:1:2:ffff::9"
+            .parse()
+            .unwrap_or(IpAddr::from([0u8; 16]));
+        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap_or(IpAddr::from([0u8; 16]));
+        assert_eq!(source_key(a), source_key(b));
+        assert_ne!(source_key(a), source_key(c));
+        let v4: IpAddr = [192, 0, 2, 7].into();
+        assert_eq!(source_key(v4), v4);
+    }
 
     #[test]
     fn permits_are_counted_per_address_and_released() {

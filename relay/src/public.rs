@@ -103,10 +103,18 @@ async fn visitor(
         return visit.refuse(VisitorRefusal::AgentNotConnected);
     }
     let early = match service {
-        Service::Ssh => match read_ssh_banner(&mut stream, relay.config.handshake_timeout).await {
-            Ok(bytes) => bytes,
-            Err(reason) => return visit.refuse(reason),
-        },
+        Service::Ssh => {
+            // Until it shows it is an SSH client, a visitor holds a bounded slot.
+            let global = relay.pending_visitors.clone().try_acquire_owned();
+            let per_ip = relay.pending_visitors_per_ip.try_acquire(peer.ip());
+            let (Ok(_global), Some(_per_ip)) = (global, per_ip) else {
+                return visit.refuse(VisitorRefusal::TooManyPending);
+            };
+            match read_ssh_banner(&mut stream, relay.config.handshake_timeout).await {
+                Ok(bytes) => bytes,
+                Err(reason) => return visit.refuse(reason),
+            }
+        }
         Service::Vnc => Vec::new(),
     };
     let (link, _counted) = match session.admit_visitor() {

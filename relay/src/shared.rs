@@ -9,6 +9,8 @@ use std::sync::Arc;
 use porthole_protocol::tls::{load_certs, load_key, CertResolver};
 
 use crate::error::RelayError;
+use crate::limits::{MAX_PENDING_VISITORS, MAX_PENDING_VISITORS_PER_IP};
+use crate::preauth::PerIpLimit;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -76,6 +78,10 @@ pub struct Relay {
     pub cancel: CancellationToken,
     /// Visitor connections, so shutdown can wait for them to drain.
     pub visitor_tasks: TaskTracker,
+    /// Visitors still proving they are SSH clients, relay-wide.
+    pub pending_visitors: Arc<tokio::sync::Semaphore>,
+    /// Visitors still proving they are SSH clients, per source.
+    pub pending_visitors_per_ip: Arc<PerIpLimit>,
     /// Every spawned task, so shutdown can wait for them.
     pub tasks: TaskTracker,
 }
@@ -107,6 +113,8 @@ impl Relay {
             stopping: CancellationToken::new(),
             cancel: CancellationToken::new(),
             visitor_tasks: TaskTracker::new(),
+            pending_visitors: Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_VISITORS)),
+            pending_visitors_per_ip: PerIpLimit::new(MAX_PENDING_VISITORS_PER_IP),
             tasks: TaskTracker::new(),
         }
     }
