@@ -36,6 +36,10 @@ use crate::backoff::{Backoff, HEALTHY_AFTER};
 use crate::control::{Credentials, LinkEnd};
 use crate::link::Dialer;
 
+/// Data connections the agent opens at once (the relay allows 64 pending handshakes per
+/// address; the control link and resumes need some of them).
+pub const MAX_CONCURRENT_DIALS: usize = 32;
+
 /// What every agent task shares.
 pub struct Context {
     /// Settings.
@@ -46,6 +50,9 @@ pub struct Context {
     pub cancel: CancellationToken,
     /// Visitor tasks.
     pub tasks: TaskTracker,
+    /// Data-connection handshakes in flight: a burst of visitors queues here instead of
+    /// exceeding the relay's per-address cap on pending handshakes.
+    pub dials: tokio::sync::Semaphore,
     /// Where events go.
     reporter: Box<dyn Reporter>,
 }
@@ -96,6 +103,7 @@ pub async fn run(
         dialer,
         cancel,
         tasks: TaskTracker::new(),
+        dials: tokio::sync::Semaphore::new(MAX_CONCURRENT_DIALS),
         reporter,
     });
     let mut backoff = Backoff::default();

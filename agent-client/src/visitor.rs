@@ -47,10 +47,12 @@ pub async fn serve(ctx: Arc<Context>, open: Open, failures: mpsc::Sender<Message
             }
         };
     let _ = local.set_nodelay(true);
+    let dialing = ctx.dials.acquire().await;
     let mut data = match ctx.dialer.dial().await {
         Ok(d) => d,
         Err(e) => return fail(format!("cannot open a data connection: {e}")),
     };
+    drop(dialing);
     let mut attach = BytesMut::new();
     let msg = Message::Attach {
         session_id: open.session_id,

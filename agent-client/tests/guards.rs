@@ -304,11 +304,15 @@ fn silent_visitors_from_one_source_are_capped() -> anyhow::Result<()> {
         .map(|_| std::net::TcpStream::connect(("127.0.0.1", port)))
         .collect::<Result<_, _>>()?;
     // Let the relay take all 32 into the banner wait before the 33rd arrives.
-    wait_for("32 visitors waiting for their SSH line", Duration::from_secs(10), || {
-        let pending = relay.handle.relay.pending_visitors_per_ip.clone();
-        let probe = pending.try_acquire(ip(127, 0, 0, 1));
-        probe.is_none().then_some(())
-    })?;
+    wait_for(
+        "32 visitors waiting for their SSH line",
+        Duration::from_secs(10),
+        || {
+            let pending = relay.handle.relay.pending_visitors_per_ip.clone();
+            let probe = pending.try_acquire(ip(127, 0, 0, 1));
+            probe.is_none().then_some(())
+        },
+    )?;
     let mut extra = std::net::TcpStream::connect(("127.0.0.1", port))?;
     extra.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut buf = [0u8; 8];
@@ -318,7 +322,11 @@ fn silent_visitors_from_one_source_are_capped() -> anyhow::Result<()> {
     let mut other = relay.connect_from(ip(127, 0, 0, 9), port)?;
     echo_on(&mut other, b"different source\n")?;
     drop(silent);
-    let refused = relay.audit_lines()?.into_iter().filter(|l| l["reason"] == "too_many_pending").count();
+    let refused = relay
+        .audit_lines()?
+        .into_iter()
+        .filter(|l| l["reason"] == "too_many_pending")
+        .count();
     ensure!(refused >= 1, "a too_many_pending refusal in the audit log");
     Ok(())
 }

@@ -12,13 +12,12 @@ use porthole_protocol::codec::MessageCodec;
 use porthole_protocol::limits::ALPN;
 use porthole_protocol::{ErrorCode, FrameError, Message, Secret};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::codec::Framed;
 use tracing::Instrument;
 
 use crate::limits::{ACCEPT_ERROR_BACKOFF, FAREWELL_TIMEOUT, MAX_PENDING_HANDSHAKES_PER_IP};
-use crate::preauth::{PerIpLimit, PerIpPermit};
+use crate::preauth::{HandshakeSlot, PendingHandshakes, PerIpLimit, PerIpPermit};
 use crate::shared::Relay;
 use crate::{attach, control};
 
@@ -27,13 +26,11 @@ pub type AgentFramed = Framed<tokio_rustls::server::TlsStream<TcpStream>, Messag
 
 /// Accepts agent connections until shutdown.
 pub async fn serve(relay: Arc<Relay>, listener: TcpListener, acceptor: TlsAcceptor) {
-    let permits = Arc::new(Semaphore::new(relay.config.max_pending_handshakes));
+    let pending = PendingHandshakes::new(relay.config.max_pending_handshakes);
     let per_ip = PerIpLimit::new(MAX_PENDING_HANDSHAKES_PER_IP);
     loop {
-        let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-            () = relay.stopping.cancelled() => break,
-        };
+        // Accepting never waits on a limit: a full queue of strangers' handshakes must not
+        // keep real agents in the kernel's backlog.
         let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
@@ -50,11 +47,21 @@ pub async fn serve(relay: Arc<Relay>, listener: TcpListener, acceptor: TlsAccept
             tracing::debug!(%peer, "agent connection refused: too many pending handshakes from this address");
             continue;
         };
-        let permit = (permit, ip_permit);
+        let (slot, evicted) = pending.admit();
+        if evicted {
+            relay.metrics.handshake_failed("evicted");
+        }
         let span = tracing::info_span!("agent_conn", %peer);
-        relay
-            .tasks
-            .spawn(handle(relay.clone(), acceptor.clone(), tcp, peer, permit).instrument(span));
+        relay.tasks.spawn(
+            handle(
+                relay.clone(),
+                acceptor.clone(),
+                tcp,
+                peer,
+                (slot, ip_permit),
+            )
+            .instrument(span),
+        );
     }
 }
 
@@ -63,7 +70,7 @@ async fn handle(
     acceptor: TlsAcceptor,
     tcp: TcpStream,
     peer: SocketAddr,
-    permit: (OwnedSemaphorePermit, PerIpPermit),
+    permit: (HandshakeSlot, PerIpPermit),
 ) {
     let _ = tcp.set_nodelay(true);
     let handshake = async {
@@ -83,6 +90,10 @@ async fn handle(
         outcome = tokio::time::timeout(relay.config.handshake_timeout, handshake) => outcome,
         // Shutdown does not wait for strangers' handshakes.
         () = relay.cancel.cancelled() => return,
+        () = permit.0.evicted.cancelled() => {
+            tracing::debug!("agent connection closed: a newer handshake needed its slot");
+            return;
+        }
     };
     drop(permit);
     let (mut framed, first) = match outcome {

@@ -149,10 +149,19 @@ impl RelayHandle {
     }
 }
 
+/// Binds a listener with a backlog deep enough for bursts of agents (the default is 128).
 async fn bind(addr: SocketAddr) -> Result<TcpListener, RelayError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| RelayError::Bind { addr, source })
+    let bound = || -> std::io::Result<TcpListener> {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(limits::LISTEN_BACKLOG)
+    };
+    bound().map_err(|source| RelayError::Bind { addr, source })
 }
 
 /// Prepares the data dir, binds the agent endpoint and the API, and starts serving.

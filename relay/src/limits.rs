@@ -5,6 +5,9 @@ use std::time::Duration;
 /// Backlog of each public session listener.
 pub const PUBLIC_LISTEN_BACKLOG: u32 = 1024;
 
+/// Backlog of the agent endpoint and API listeners.
+pub const LISTEN_BACKLOG: u32 = 1024;
+
 /// Messages queued toward one agent's control connection before visitors are refused.
 pub const CONTROL_QUEUE: usize = 256;
 

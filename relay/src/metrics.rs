@@ -216,7 +216,7 @@ impl Metrics {
             ErrorCode::BadAttach,
             ErrorCode::Internal,
         ];
-        let reasons = ["tls", "timeout", "per_ip_limit"]
+        let reasons = ["tls", "timeout", "per_ip_limit", "evicted"]
             .into_iter()
             .chain(codes.map(ErrorCode::as_str));
         for reason in reasons {

@@ -1,10 +1,13 @@
-//! Limits on what unauthenticated peers can hold: pending agent handshakes per source IP
-//! (the global cap is a semaphore in [`crate::agent_endpoint`]), so one address flooding the
-//! endpoint with silent connections or stalled TLS handshakes cannot crowd out real agents.
+//! Limits on what unauthenticated peers can hold: pending agent handshakes relay-wide
+//! ([`PendingHandshakes`], which evicts the oldest instead of refusing the newest) and per
+//! source ([`PerIpLimit`]), so silent connections or stalled TLS handshakes cannot crowd out
+//! real agents.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
+
+use tokio_util::sync::CancellationToken;
 
 /// The address limits count against: IPv4 as is, IPv6 by /64 (one host usually holds a
 /// whole /64, so per-address limits would not slow it down).
@@ -109,5 +112,105 @@ mod tests {
         drop(first);
         assert!(limit.try_acquire(a).is_some(), "released on drop");
         drop(second);
+    }
+}
+
+/// Agent connections in the handshake phase, relay-wide. Accepting never waits on it: when
+/// it is full, the oldest pending handshake is dropped for the new one. A real agent's
+/// handshake takes milliseconds, so the ones dropped are almost always stalled peers, and a
+/// flood of silent connections cannot shut real agents out.
+#[derive(Debug)]
+pub struct PendingHandshakes {
+    /// Pending handshakes, oldest first.
+    queue: Mutex<std::collections::VecDeque<(u64, CancellationToken)>>,
+    /// Most allowed at once.
+    max: usize,
+    /// Next slot id.
+    next: std::sync::atomic::AtomicU64,
+}
+
+/// One pending handshake; its token is cancelled if it is evicted. Leaves the queue when
+/// dropped.
+#[derive(Debug)]
+pub struct HandshakeSlot {
+    /// The queue it is in.
+    owner: Arc<PendingHandshakes>,
+    /// Its id there.
+    id: u64,
+    /// Cancelled when a newer handshake evicts it.
+    pub evicted: CancellationToken,
+}
+
+impl PendingHandshakes {
+    /// At most `max` pending handshakes.
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(Self {
+            queue: Mutex::new(Default::default()),
+            max: max.max(1),
+            next: Default::default(),
+        })
+    }
+
+    /// A slot for a new handshake, evicting the oldest when full; also returns whether one
+    /// was evicted.
+    pub fn admit(self: &Arc<Self>) -> (HandshakeSlot, bool) {
+        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let evicted = CancellationToken::new();
+        let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        let mut dropped = false;
+        while queue.len() >= self.max {
+            if let Some((_, oldest)) = queue.pop_front() {
+                oldest.cancel();
+                dropped = true;
+            }
+        }
+        queue.push_back((id, evicted.clone()));
+        (
+            HandshakeSlot {
+                owner: self.clone(),
+                id,
+                evicted,
+            },
+            dropped,
+        )
+    }
+
+    /// Handshakes pending now.
+    pub fn len(&self) -> usize {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Whether none is pending.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        let mut queue = self.owner.queue.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = queue.iter().position(|(id, _)| *id == self.id) {
+            queue.remove(i);
+        }
+    }
+}
+
+#[cfg(test)]
+mod eviction_tests {
+    use super::*;
+
+    #[test]
+    fn the_oldest_pending_handshake_makes_room() {
+        let pending = PendingHandshakes::new(2);
+        let (a, _) = pending.admit();
+        let (b, _) = pending.admit();
+        let (c, evicted) = pending.admit();
+        assert!(evicted && a.evicted.is_cancelled(), "the oldest goes");
+        assert!(!b.evicted.is_cancelled() && !c.evicted.is_cancelled());
+        assert_eq!(pending.len(), 2);
+        drop(b);
+        assert_eq!(pending.len(), 1, "a finished handshake leaves the queue");
+        drop((a, c));
+        assert!(pending.is_empty());
     }
 }
