@@ -15,31 +15,14 @@ use common::peers::sshd::Sshd;
 use common::peers::tools::run_with_timeout;
 use common::relay_process::RelaySetup;
 use common::{port_refuses, wait_for};
-use serde_json::{json, Value};
-
-fn create(setup: &RelaySetup, api: &str, body: Value) -> anyhow::Result<(String, String, u16)> {
-    let v: Value = setup
-        .http()?
-        .post(format!("{api}/v1/sessions"))
-        .json(&body)
-        .send()?
-        .error_for_status()?
-        .json()?;
-    let port = v["endpoints"][0]["port"].as_u64().context("port")? as u16;
-    Ok((
-        v["session_id"].as_str().context("id")?.into(),
-        v["join_token"].as_str().context("token")?.into(),
-        port,
-    ))
-}
+use serde_json::json;
 
 #[test]
 fn kill9_mid_transfer_then_restart_resumes_on_the_same_port() -> anyhow::Result<()> {
     let sshd = Sshd::start()?;
     let setup = RelaySetup::new()?;
     let mut relay = setup.start()?;
-    let body = json!({"build_id": "b", "app_id": "a", "services": ["ssh"]});
-    let (id, token, port) = create(&setup, &relay.api, body)?;
+    let (id, token, port) = setup.create_session(&relay.api, json!({}))?;
     let agent = Agent::start_to(
         &format!("127.0.0.1:{}", setup.agent_port),
         &relay.pin,
@@ -111,8 +94,7 @@ fn deadline_passed_while_down_revokes_on_start() -> anyhow::Result<()> {
     let sshd = Sshd::start()?;
     let setup = RelaySetup::new()?;
     let mut relay = setup.start()?;
-    let body = json!({"build_id": "b", "app_id": "a", "services": ["ssh"], "max_lifetime_secs": 3});
-    let (id, token, port) = create(&setup, &relay.api, body)?;
+    let (id, token, port) = setup.create_session(&relay.api, json!({"max_lifetime_secs": 3}))?;
     let mut agent = Agent::start_to(
         &format!("127.0.0.1:{}", setup.agent_port),
         &relay.pin,

@@ -17,31 +17,14 @@ use common::peers::sshd::Sshd;
 use common::peers::tools::run_with_timeout;
 use common::relay_process::RelaySetup;
 use common::{echo, wait_for};
-use serde_json::{json, Value};
-
-fn create(setup: &RelaySetup, api: &str) -> anyhow::Result<(String, String, u16)> {
-    let body = json!({"build_id": "b", "app_id": "a", "services": ["ssh"]});
-    let v: Value = setup
-        .http()?
-        .post(format!("{api}/v1/sessions"))
-        .json(&body)
-        .send()?
-        .error_for_status()?
-        .json()?;
-    let port = v["endpoints"][0]["port"].as_u64().context("port")? as u16;
-    Ok((
-        v["session_id"].as_str().context("id")?.into(),
-        v["join_token"].as_str().context("token")?.into(),
-        port,
-    ))
-}
+use serde_json::json;
 
 #[test]
 fn sigterm_drains_exits_zero_and_the_agent_comes_back() -> anyhow::Result<()> {
     let sshd = Sshd::start()?;
     let setup = RelaySetup::new()?;
     let mut relay = setup.start_with(&["--shutdown-grace", "3s"])?;
-    let (id, token, port) = create(&setup, &relay.api)?;
+    let (id, token, port) = setup.create_session(&relay.api, json!({}))?;
     let agent_addr = format!("127.0.0.1:{}", setup.agent_port);
     let agent = Agent::start_to(
         &agent_addr,
@@ -123,7 +106,7 @@ fn sighup_reloads_the_certificate_for_new_connections_only() -> anyhow::Result<(
     let relay = setup.start()?;
     let agent_addr = format!("127.0.0.1:{}", setup.agent_port);
     let old_pin = relay.pin.clone();
-    let (_, token, port) = create(&setup, &relay.api)?;
+    let (_, token, port) = setup.create_session(&relay.api, json!({}))?;
     let first = Agent::start_to(
         &agent_addr,
         &old_pin,
@@ -142,7 +125,7 @@ fn sighup_reloads_the_certificate_for_new_connections_only() -> anyhow::Result<(
     relay.signal("HUP")?;
 
     // New connections see the new certificate: an agent pinning it registers ...
-    let (_, token2, _) = create(&setup, &relay.api)?;
+    let (_, token2, _) = setup.create_session(&relay.api, json!({}))?;
     let second = wait_for(
         "an agent pinning the new certificate",
         Duration::from_secs(20),
@@ -159,7 +142,7 @@ fn sighup_reloads_the_certificate_for_new_connections_only() -> anyhow::Result<(
     )?;
     drop(second);
     // ... and one pinning the old certificate is refused.
-    let (_, token3, _) = create(&setup, &relay.api)?;
+    let (_, token3, _) = setup.create_session(&relay.api, json!({}))?;
     let mut stale = Agent::start_to(
         &agent_addr,
         &old_pin,

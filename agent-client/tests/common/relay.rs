@@ -107,36 +107,10 @@ impl TestRelay {
 
     /// `POST /v1/sessions` with `services`, `grace_secs` (None: default); expects 201.
     pub fn create(&self, services: &[&str], grace_secs: Option<u64>) -> anyhow::Result<Created> {
-        let mut body = json!({ "build_id": "build-42", "app_id": "app-7", "services": services });
-        if let Some(g) = grace_secs {
-            body["grace_secs"] = json!(g);
-        }
-        let resp = self
-            .http
-            .post(format!("{}/v1/sessions", self.api))
-            .json(&body)
-            .send()?;
-        let status = resp.status();
-        let v: Value = resp.json()?;
-        if status.as_u16() != 201 {
-            bail!("create session answered {status}: {v}");
-        }
-        let ports = v["endpoints"]
-            .as_array()
-            .context("endpoints")?
-            .iter()
-            .map(|e| {
-                (
-                    e["service"].as_str().unwrap_or("").to_owned(),
-                    e["port"].as_u64().unwrap_or(0) as u16,
-                )
-            })
-            .collect();
-        Ok(Created {
-            id: v["session_id"].as_str().context("session_id")?.to_owned(),
-            token: v["join_token"].as_str().context("join_token")?.to_owned(),
-            ports,
-        })
+        let extra = grace_secs
+            .map(|g| json!({ "grace_secs": g }))
+            .unwrap_or_else(|| json!({}));
+        self.create_with(services, extra)
     }
 
     /// `POST /v1/sessions` with `services` and the fields of `extra` (an object, e.g.

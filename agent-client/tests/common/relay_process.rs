@@ -116,6 +116,32 @@ impl RelaySetup {
         )
     }
 
+    /// `POST /v1/sessions` for one SSH service with `extra` fields; returns the session id,
+    /// join token and public port.
+    pub fn create_session(
+        &self,
+        api: &str,
+        extra: serde_json::Value,
+    ) -> anyhow::Result<(String, String, u16)> {
+        let mut body = serde_json::json!({"build_id": "b", "app_id": "a", "services": ["ssh"]});
+        if let (Some(body), Some(extra)) = (body.as_object_mut(), extra.as_object()) {
+            body.extend(extra.clone());
+        }
+        let v: Value = self
+            .http()?
+            .post(format!("{api}/v1/sessions"))
+            .json(&body)
+            .send()?
+            .error_for_status()?
+            .json()?;
+        let port = v["endpoints"][0]["port"].as_u64().context("port")? as u16;
+        Ok((
+            v["session_id"].as_str().context("id")?.into(),
+            v["join_token"].as_str().context("token")?.into(),
+            port,
+        ))
+    }
+
     /// An API client with the admin token.
     pub fn http(&self) -> anyhow::Result<reqwest::blocking::Client> {
         let mut headers = reqwest::header::HeaderMap::new();
