@@ -11,6 +11,7 @@
 //!   `Framed` streams whose buffered bytes survive `into_parts()`.
 //! - [`forward`]: the one byte forwarder relay and agent both use (both directions,
 //!   half-close preserved, reused buffers, byte counts).
+//! - [`splice`]: zero-copy `splice(2)` forwarding for the `tcp` data plane, copy-path fallback.
 //! - [`tls`]: rustls configuration for both sides (TLS 1.3 only, ALPN, relay verification by
 //!   system roots, CA file or pinned SHA-256 fingerprint) and certificate fingerprints.
 //!
@@ -25,6 +26,7 @@ pub mod frame;
 pub mod limits;
 pub mod message;
 pub mod secret;
+pub mod splice;
 pub mod tls;
 
 pub use frame::FrameError;
