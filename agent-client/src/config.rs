@@ -114,6 +114,8 @@ impl FromStr for ServiceTarget {
 pub struct Resolved {
     /// Relay endpoint, HOST:PORT.
     pub relay: String,
+    /// The host part of `relay` (the data port of the `tcp` data plane is on it).
+    pub relay_host: String,
     /// Name checked against the relay's certificate.
     pub server_name: String,
     /// Join token.
@@ -163,6 +165,7 @@ impl AgentConfig {
         Ok(Resolved {
             credentials,
             host_keys,
+            relay_host: host.clone(),
             server_name: self.server_name.clone().unwrap_or(host),
             relay,
             token,

@@ -8,13 +8,13 @@ use futures_util::{SinkExt, StreamExt};
 use porthole_protocol::codec::MessageCodec;
 use porthole_protocol::limits::PROTOCOL_VERSION;
 use porthole_protocol::message::HelloAuth;
-use porthole_protocol::{ErrorCode, FrameError, Message, Secret};
+use porthole_protocol::{DataPlane, ErrorCode, FrameError, Message, Secret};
 use tokio::sync::{mpsc, watch};
 use tokio_util::codec::Framed;
 
 use crate::error::AgentError;
 use crate::events::AgentEvent;
-use crate::visitor::{self, Open};
+use crate::visitor::{self, DataRoute, Open};
 use crate::Context;
 
 /// Bounds on the heartbeat interval a relay may ask for.
@@ -70,6 +70,7 @@ pub async fn run(
         .await
         .map_err(|e| AgentError::Unreachable(e.to_string()))?;
     let answer = tokio::time::timeout(ctx.config.connect_timeout, framed.next()).await;
+    let plane: DataRoute;
     let (session_id, heartbeat) = match answer {
         Ok(Some(Ok(Message::Registered {
             session_id,
@@ -78,7 +79,13 @@ pub async fn run(
             deadline_unix_ms,
             heartbeat_ms,
             resumed,
+            data_plane,
+            data_port,
         }))) => {
+            plane = match (data_plane, data_port) {
+                (DataPlane::Tcp, Some(port)) => DataRoute::Tcp(port),
+                _ => DataRoute::Tls,
+            };
             *creds = Credentials::Resume(session_id.clone(), resume_secret);
             *registered_at = Some(Instant::now());
             let deadline = from_unix_ms(deadline_unix_ms);
@@ -142,7 +149,7 @@ pub async fn run(
                 last_heard = Instant::now();
                 match frame {
                     Some(Ok(Message::Open { conn_id, service, secret })) => {
-                        let open = Open { session_id: session_id.clone(), conn_id, service, secret };
+                        let open = Open { session_id: session_id.clone(), conn_id, service, secret, route: plane };
                         ctx.tasks.spawn(visitor::serve(ctx.clone(), open, fail_tx.clone()));
                         Ok(())
                     }

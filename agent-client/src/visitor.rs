@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 use porthole_protocol::forward::forward_until;
+use porthole_protocol::splice::{splice_forward_with, SpliceOptions};
 use porthole_protocol::{frame, Message, Secret, Service};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -23,6 +24,17 @@ pub struct Open {
     pub service: Service,
     /// One-time secret.
     pub secret: Secret,
+    /// Where the data connection goes (the relay said so in `registered`).
+    pub route: DataRoute,
+}
+
+/// Where a visitor's data connection goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DataRoute {
+    /// TLS to the agent endpoint.
+    Tls,
+    /// Plain TCP to this port on the relay's host; forwarded with splice(2).
+    Tcp(u16),
 }
 
 /// Serves one visitor; reports `open_failed` on `failures` when the service is unreachable.
@@ -48,11 +60,6 @@ pub async fn serve(ctx: Arc<Context>, open: Open, failures: mpsc::Sender<Message
         };
     let _ = local.set_nodelay(true);
     let dialing = ctx.dials.acquire().await;
-    let mut data = match ctx.dialer.dial().await {
-        Ok(d) => d,
-        Err(e) => return fail(format!("cannot open a data connection: {e}")),
-    };
-    drop(dialing);
     let mut attach = BytesMut::new();
     let msg = Message::Attach {
         session_id: open.session_id,
@@ -62,6 +69,45 @@ pub async fn serve(ctx: Arc<Context>, open: Open, failures: mpsc::Sender<Message
     if let Err(e) = frame::encode(&msg, &mut attach) {
         return fail(format!("cannot encode attach: {e}"));
     }
+    if let DataRoute::Tcp(port) = open.route {
+        let addr = (ctx.config.relay_host.as_str(), port);
+        let mut data = match tokio::time::timeout(
+            ctx.config.connect_timeout,
+            TcpStream::connect(addr),
+        )
+        .await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return fail(format!("cannot reach the relay's data port {port}: {e}")),
+            Err(_) => {
+                return fail(format!(
+                    "cannot reach the relay's data port {port}: timed out"
+                ))
+            }
+        };
+        drop(dialing);
+        let _ = data.set_nodelay(true);
+        if let Err(e) = data.write_all(&attach).await {
+            return fail(format!("cannot send attach: {e}"));
+        }
+        let (_, result) = splice_forward_with(
+            &mut local,
+            &mut data,
+            &[],
+            &ctx.cancel,
+            SpliceOptions::default(),
+        )
+        .await;
+        if let Err(e) = result {
+            tracing::debug!(conn_id, error = %e, "visitor connection ended");
+        }
+        return;
+    }
+    let mut data = match ctx.dialer.dial().await {
+        Ok(d) => d,
+        Err(e) => return fail(format!("cannot open a data connection: {e}")),
+    };
+    drop(dialing);
     if let Err(e) = data.write_all(&attach).await {
         return fail(format!("cannot send attach: {e}"));
     }

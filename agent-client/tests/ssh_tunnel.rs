@@ -102,3 +102,105 @@ fn idle_ssh_connection_stays_open() -> anyhow::Result<()> {
     assert_eq!(out.stdout_text(), "still here\n");
     Ok(())
 }
+
+/// The `tcp` data plane: data connections go in plain TCP to the relay's data port, are
+/// authenticated by their one-time secret, and both ends forward with splice(2).
+#[test]
+fn ssh_over_the_tcp_data_plane_with_splice() -> anyhow::Result<()> {
+    let sshd = Sshd::start()?;
+    let relay = TestRelay::start_with(|c| {
+        c.data_plane = porthole_protocol::DataPlane::Tcp;
+        c.data_listen = "127.0.0.1:0".parse().unwrap_or(c.data_listen);
+    })?;
+    ensure!(
+        relay.handle.relay.data_port.get().is_some(),
+        "the data port is bound"
+    );
+    let session = relay.create(&["ssh"], None)?;
+    let agent = Agent::start(
+        &relay,
+        &session.token,
+        &[format!("ssh=127.0.0.1:{}", sshd.port)],
+    )?;
+    agent.wait_registered()?;
+    let port = session.port("ssh");
+    let out = run_with_timeout(
+        sshd.ssh("127.0.0.1", port).arg("echo over tcp"),
+        Duration::from_secs(60),
+    )?;
+    ensure!(out.status.success(), "ssh failed: {}", out.stderr);
+    assert_eq!(out.stdout_text(), "over tcp\n");
+
+    let work = tempfile::tempdir()?;
+    let src = work.path().join("a.bin");
+    let want = write_random_file(&src, 16 << 20)?;
+    let copy = work.path().join("b.bin");
+    let up = run_with_input(
+        sshd.ssh("127.0.0.1", port)
+            .arg(format!("cat > '{}'", copy.display())),
+        &std::fs::read(&src)?,
+        Duration::from_secs(120),
+    )?;
+    ensure!(up.status.success(), "upload failed: {}", up.stderr);
+    assert_eq!(sha256_file(&copy)?, want);
+    let down = run_with_timeout(
+        sshd.ssh("127.0.0.1", port)
+            .arg(format!("cat '{}'", src.display())),
+        Duration::from_secs(120),
+    )?;
+    ensure!(down.status.success(), "download failed: {}", down.stderr);
+    assert_eq!(hex::encode(Sha256::digest(&down.stdout)), want);
+
+    // The plain data port takes nothing but `attach` with a live one-time secret.
+    let data_port = relay.handle.relay.data_port.get().copied().unwrap_or(0);
+    let ask = |msg: porthole_protocol::Message| -> anyhow::Result<porthole_protocol::Message> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", data_port))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut out = bytes::BytesMut::new();
+        porthole_protocol::frame::encode(&msg, &mut out)?;
+        s.write_all(&out)?;
+        let mut answer = Vec::new();
+        s.read_to_end(&mut answer)?;
+        let mut buf = bytes::BytesMut::from(&answer[..]);
+        porthole_protocol::frame::decode(&mut buf)?.context("no answer frame")
+    };
+    let hello = porthole_protocol::Message::Ping { seq: 1 };
+    let refused = ask(hello)?;
+    ensure!(
+        matches!(
+            refused,
+            porthole_protocol::Message::Error {
+                code: porthole_protocol::ErrorCode::UnexpectedMessage,
+                ..
+            }
+        ),
+        "{refused:?}"
+    );
+    let forged = porthole_protocol::Message::Attach {
+        session_id: session.id.clone(),
+        conn_id: 1,
+        secret: porthole_protocol::Secret::new("phc_forged"),
+    };
+    let refused = ask(forged)?;
+    ensure!(
+        matches!(
+            refused,
+            porthole_protocol::Message::Error {
+                code: porthole_protocol::ErrorCode::BadAttach,
+                ..
+            }
+        ),
+        "{refused:?}"
+    );
+
+    let metrics = &relay.handle.relay.metrics;
+    assert_eq!(metrics.forwarding_mode.with_label_values(&["tcp"]).get(), 1);
+    assert_eq!(metrics.forwarding_mode.with_label_values(&["tls"]).get(), 0);
+    assert_eq!(
+        metrics.splice_fallbacks.get(),
+        0,
+        "pipes were available: every connection spliced"
+    );
+    Ok(())
+}

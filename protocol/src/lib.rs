@@ -30,5 +30,5 @@ pub mod splice;
 pub mod tls;
 
 pub use frame::FrameError;
-pub use message::{Credential, Endpoint, ErrorCode, Message, Service};
+pub use message::{Credential, DataPlane, Endpoint, ErrorCode, Message, Service};
 pub use secret::Secret;

@@ -48,6 +48,41 @@ impl std::str::FromStr for Service {
     }
 }
 
+/// How data connections (one per visitor) travel between agent and relay.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DataPlane {
+    /// TLS to the agent endpoint, like the control connection (the default).
+    #[default]
+    Tls,
+    /// Plain TCP to a separate data port, authenticated by the one-time secret in `attach`;
+    /// both ends forward with splice(2). For relays and build machines on one private network.
+    Tcp,
+}
+
+impl DataPlane {
+    /// The lowercase name, for flags, logs and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DataPlane::Tls => "tls",
+            DataPlane::Tcp => "tcp",
+        }
+    }
+}
+
+impl std::str::FromStr for DataPlane {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "tls" => Ok(DataPlane::Tls),
+            "tcp" => Ok(DataPlane::Tcp),
+            other => Err(format!(
+                "unknown data plane `{other}`: expected `tls` or `tcp`"
+            )),
+        }
+    }
+}
+
 /// Where users reach one service of a session.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Endpoint {
@@ -186,6 +221,13 @@ pub enum Message {
         heartbeat_ms: u64,
         /// `true` when this resumed an existing registration.
         resumed: bool,
+        /// How visitors' data connections reach the relay.
+        #[serde(default)]
+        data_plane: DataPlane,
+        /// With [`DataPlane::Tcp`]: the relay's plain-TCP data port (same host as the agent
+        /// endpoint).
+        #[serde(default)]
+        data_port: Option<u16>,
     },
     /// Either way: a typed refusal; the sender closes the connection after it.
     Error {

@@ -78,6 +78,8 @@ fn message() -> impl Strategy<Value = Message> {
                         deadline_unix_ms,
                         heartbeat_ms,
                         resumed,
+                        data_plane: porthole_protocol::DataPlane::Tls,
+                        data_port: Some(port),
                     }
                 }
             ),

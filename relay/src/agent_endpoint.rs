@@ -18,6 +18,7 @@ use tracing::Instrument;
 
 use crate::limits::{ACCEPT_ERROR_BACKOFF, FAREWELL_TIMEOUT, MAX_PENDING_HANDSHAKES_PER_IP};
 use crate::preauth::{HandshakeSlot, PendingHandshakes, PerIpLimit, PerIpPermit};
+use crate::session::DataStream;
 use crate::shared::Relay;
 use crate::{attach, control};
 
@@ -119,7 +120,10 @@ async fn handle(
             conn_id,
             secret,
         } => {
-            attach::run(&relay, framed, &session_id, conn_id, &secret).await;
+            attach::run(&relay, framed, &session_id, conn_id, &secret, |s| {
+                DataStream::Tls(Box::new(s))
+            })
+            .await;
         }
         FirstFrame::Refused(code, msg) => {
             relay.metrics.handshake_failed(code.as_str());
@@ -196,7 +200,10 @@ pub fn classify(first: Option<Result<Message, FrameError>>) -> FirstFrame {
 }
 
 /// Sends a typed error, logs it, and closes the connection.
-pub async fn refuse(framed: &mut AgentFramed, code: ErrorCode, message: String) {
+pub async fn refuse<S>(framed: &mut Framed<S, MessageCodec>, code: ErrorCode, message: String)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     tracing::warn!(?code, "agent connection refused: {message}");
     let farewell = async {
         let _ = framed.send(Message::Error { code, message }).await;

@@ -3,18 +3,25 @@
 
 use porthole_protocol::{ErrorCode, Secret};
 
-use crate::agent_endpoint::{refuse, AgentFramed};
-use crate::session::DataConn;
+use porthole_protocol::codec::MessageCodec;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::codec::Framed;
+
+use crate::agent_endpoint::refuse;
+use crate::session::{DataConn, DataStream};
 use crate::shared::Relay;
 
 /// Pairs a data connection with its waiting visitor, or refuses it.
-pub async fn run(
+pub async fn run<S>(
     relay: &Relay,
-    mut framed: AgentFramed,
+    mut framed: Framed<S, MessageCodec>,
     session_id: &str,
     conn_id: u64,
     secret: &Secret,
-) {
+    into_stream: impl FnOnce(S) -> DataStream,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let waiting = relay
         .sessions
         .get(session_id)
@@ -30,7 +37,7 @@ pub async fn run(
     let parts = framed.into_parts();
     if tx
         .send(DataConn {
-            stream: parts.io,
+            stream: into_stream(parts.io),
             prefix: parts.read_buf,
         })
         .is_err()

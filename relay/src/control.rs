@@ -90,6 +90,8 @@ async fn serve(relay: &Relay, mut framed: AgentFramed, mut reg: Registration) {
         deadline_unix_ms: unix_ms(deadline),
         heartbeat_ms: relay.config.heartbeat_interval.as_millis() as u64,
         resumed: reg.resumed,
+        data_plane: relay.config.data_plane,
+        data_port: relay.data_port.get().copied(),
     };
     let interval = relay.config.heartbeat_interval;
     let mut ticker = tokio::time::interval(interval);

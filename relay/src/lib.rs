@@ -27,6 +27,7 @@
 //! - [`preauth`]: pending-handshake limits per source address.
 //! - [`control`]: a registered agent's control link (heartbeats, finish, open/attach flow).
 //! - [`attach`]: pairing data connections with waiting visitors.
+//! - [`data_endpoint`]: the plain-TCP data port of the `tcp` data plane.
 //! - [`api`]: the HTTP/JSON API.
 //!
 //! [`start`] binds everything and returns a [`RelayHandle`]; `main.rs` only parses flags.
@@ -40,6 +41,7 @@ pub mod bootstrap;
 pub mod config;
 pub mod config_file;
 pub mod control;
+pub mod data_endpoint;
 pub mod error;
 pub mod guards;
 pub mod lifecycle;
@@ -78,6 +80,8 @@ pub struct StartupInfo {
     pub api_addr: SocketAddr,
     /// Bound metrics address, when separate from the API.
     pub metrics_addr: Option<SocketAddr>,
+    /// Bound plain-TCP data port (data plane `tcp` only).
+    pub data_addr: Option<SocketAddr>,
     /// Host name in endpoints.
     pub public_host: String,
     /// The TLS certificate file.
@@ -207,6 +211,18 @@ pub async fn start(config: RelayConfig) -> Result<RelayHandle, RelayError> {
         store,
         tls,
     ));
+    relay.metrics.set_data_plane(relay.config.data_plane);
+    let mut data_addr = None;
+    if relay.config.data_plane == porthole_protocol::DataPlane::Tcp {
+        let addr = relay.config.data_listen;
+        let listener = bind(addr).await?;
+        let bound = local(&listener, addr)?;
+        let _ = relay.data_port.set(bound.port());
+        data_addr = Some(bound);
+        relay
+            .tasks
+            .spawn(data_endpoint::serve(relay.clone(), listener));
+    }
     let restored = relay.restore()?;
     if restored > 0 {
         tracing::info!(
@@ -247,6 +263,7 @@ pub async fn start(config: RelayConfig) -> Result<RelayHandle, RelayError> {
         agent_addr,
         api_addr,
         metrics_addr,
+        data_addr,
         public_host,
         cert_path: boot.cert_path,
         cert_generated: boot.cert_generated,

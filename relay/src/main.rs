@@ -214,7 +214,7 @@ fn banner(info: &StartupInfo, port_range: &str, public_bind: &str) -> String {
     let metrics = info.metrics_addr.unwrap_or(api);
     format!(
         "porthole-relay {version} is running
-  agent endpoint  {agent} (TLS 1.3)
+  agent endpoint  {agent} (TLS 1.3){data_port}
   HTTP API        http://{api}
   metrics         http://{metrics}/metrics (also /healthz, /readyz)
   public ports    {public_bind} ports {port_range}, announced as {host}
@@ -240,7 +240,11 @@ Next steps:
         version = env!("CARGO_PKG_VERSION"),
         agent = info.agent_addr,
         cert = info.cert_path.display(),
-        fp = info.fingerprint,
+                fp = info.fingerprint,
+        data_port = info
+            .data_addr
+            .map(|a| format!("\n  data port       {a} (plain TCP, data plane tcp: private networks only)"))
+            .unwrap_or_default(),
         user_secret = info.user_token_secret_path.display(),
         audit = info.audit_log_path.display(),
     )

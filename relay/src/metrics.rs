@@ -51,6 +51,9 @@ pub struct Metrics {
     pub time_to_first_visitor: Histogram,
     /// `porthole_forwarding_mode{mode}`: 1 for the data plane in use.
     pub forwarding_mode: IntGaugeVec,
+    /// `porthole_splice_fallbacks_total`: `tcp` data connections forwarded by copying because
+    /// no pipe could be had.
+    pub splice_fallbacks: IntCounter,
 }
 
 fn gauge_vec(
@@ -97,6 +100,11 @@ impl Metrics {
         r.register(Box::new(agents_connected.clone()))?;
         let sessions_created =
             IntCounter::new("porthole_sessions_created_total", "Sessions created")?;
+        let splice_fallbacks = IntCounter::new(
+            "porthole_splice_fallbacks_total",
+            "tcp data connections copied because no pipe could be had",
+        )?;
+        r.register(Box::new(splice_fallbacks.clone()))?;
         r.register(Box::new(sessions_created.clone()))?;
         let minutes = vec![
             60.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 10800.0, 21600.0, 86400.0,
@@ -147,6 +155,7 @@ impl Metrics {
                 &["kind"],
             )?,
             sessions_created,
+            splice_fallbacks,
             sessions_revoked: counter_vec(
                 &r,
                 "porthole_sessions_revoked_total",
@@ -179,7 +188,7 @@ impl Metrics {
             )?,
             registry: r,
         };
-        m.forwarding_mode.with_label_values(&["tls"]).set(1);
+
         m.zero_known_series();
         Ok(m)
     }
@@ -231,6 +240,18 @@ impl Metrics {
             "gone",
         ] {
             self.instructions.with_label_values(&[outcome]);
+        }
+    }
+
+    /// Marks the data plane in use.
+    pub fn set_data_plane(&self, plane: porthole_protocol::DataPlane) {
+        for mode in [
+            porthole_protocol::DataPlane::Tls,
+            porthole_protocol::DataPlane::Tcp,
+        ] {
+            self.forwarding_mode
+                .with_label_values(&[mode.as_str()])
+                .set(i64::from(mode == plane));
         }
     }
 

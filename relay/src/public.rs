@@ -4,7 +4,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use porthole_protocol::forward::forward_until;
+use porthole_protocol::forward::{forward_until, ForwardError, ForwardStats};
+use porthole_protocol::splice::{splice_forward_with, Path as SplicePath, SpliceOptions};
 use porthole_protocol::{Message, Secret, Service};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -14,7 +15,7 @@ use crate::audit::AuditEvent;
 use crate::guards::VisitorRefusal;
 use crate::limits::ACCEPT_ERROR_BACKOFF;
 use crate::scanner::read_ssh_banner;
-use crate::session::{DataConn, Session};
+use crate::session::{DataConn, DataStream, Session};
 use crate::shared::Relay;
 
 /// Accepts visitors on one public port until the session is revoked; dropping the listener
@@ -185,12 +186,8 @@ async fn forward_visitor(
         port,
         source_ip,
     });
-    let mut agent = data.stream;
-    // Bytes the scanner filter read go first.
-    if let Err(e) = agent.write_all(early).await {
-        tracing::info!(%peer, conn_id, error = %e, "agent data connection failed");
-    }
-    let mut stats = match forward_until(&mut stream, &mut agent, &data.prefix, cancel).await {
+    let mut stats = match forward_data(&mut stream, data, early, cancel, &visit.relay.metrics).await
+    {
         Ok(stats) => stats,
         Err(e) if e.source.kind() == std::io::ErrorKind::Interrupted => {
             tracing::info!(%peer, conn_id, "visitor cut: session revoked or agent link lost");
@@ -222,4 +219,35 @@ async fn forward_visitor(
         bytes_out: stats.b_to_a,
         duration_secs,
     });
+}
+
+/// Forwards a visitor over its data connection, by data plane: the bytes the scanner filter
+/// read go first, then both directions until either side ends or `cancel` fires.
+async fn forward_data(
+    visitor: &mut TcpStream,
+    data: DataConn,
+    early: &[u8],
+    cancel: &tokio_util::sync::CancellationToken,
+    metrics: &crate::metrics::Metrics,
+) -> Result<ForwardStats, ForwardError> {
+    let unsent = |source| ForwardError {
+        stats: ForwardStats::default(),
+        source,
+    };
+    match data.stream {
+        DataStream::Tls(mut agent) => {
+            agent.write_all(early).await.map_err(unsent)?;
+            forward_until(visitor, &mut agent, &data.prefix, cancel).await
+        }
+        DataStream::Tcp(mut agent) => {
+            agent.write_all(early).await.map_err(unsent)?;
+            let options = SpliceOptions::default();
+            let (path, result) =
+                splice_forward_with(visitor, &mut agent, &data.prefix, cancel, options).await;
+            if path == SplicePath::Copy {
+                metrics.splice_fallbacks.inc();
+            }
+            result
+        }
+    }
 }

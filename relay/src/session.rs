@@ -55,12 +55,21 @@ impl Drop for VisitorGuard {
     }
 }
 
+/// A visitor's data connection from the agent, by data plane.
+#[derive(Debug)]
+pub enum DataStream {
+    /// Over TLS on the agent endpoint.
+    Tls(Box<TlsStream<TcpStream>>),
+    /// Plain TCP on the data port (forwarded with splice(2)).
+    Tcp(TcpStream),
+}
+
 /// The agent side of one visitor: a data connection, and the bytes already read from it
 /// past its `attach` frame (forwarded first, never lost).
 #[derive(Debug)]
 pub struct DataConn {
-    /// The TLS data connection.
-    pub stream: TlsStream<TcpStream>,
+    /// The data connection.
+    pub stream: DataStream,
     /// Bytes read past the `attach` frame.
     pub prefix: BytesMut,
 }

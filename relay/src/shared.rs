@@ -78,6 +78,8 @@ pub struct Relay {
     pub cancel: CancellationToken,
     /// Visitor connections, so shutdown can wait for them to drain.
     pub visitor_tasks: TaskTracker,
+    /// The bound plain-TCP data port (data plane `tcp` only).
+    pub data_port: std::sync::OnceLock<u16>,
     /// Visitors still proving they are SSH clients, relay-wide.
     pub pending_visitors: Arc<tokio::sync::Semaphore>,
     /// Visitors still proving they are SSH clients, per source.
@@ -113,6 +115,7 @@ impl Relay {
             stopping: CancellationToken::new(),
             cancel: CancellationToken::new(),
             visitor_tasks: TaskTracker::new(),
+            data_port: std::sync::OnceLock::new(),
             pending_visitors: Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_VISITORS)),
             pending_visitors_per_ip: PerIpLimit::new(MAX_PENDING_VISITORS_PER_IP),
             tasks: TaskTracker::new(),

@@ -165,6 +165,7 @@ async fn scrape_after_scenario() -> Result<BTreeMap<String, Family>> {
     let proxy = Proxy::start(relay.handle.info.agent_addr).await?;
     let config = Resolved {
         relay: proxy.addr.to_string(),
+        relay_host: proxy.addr.ip().to_string(),
         server_name: "localhost".into(),
         token: Secret::new(str_field(&session, "join_token")?),
         services: BTreeMap::from([(Service::Ssh, echo().await?.to_string())]),

@@ -115,6 +115,13 @@ pub struct RelayConfig {
     /// Log format: `text` for people, `json` for collectors (RUST_LOG sets the filter).
     #[arg(long, env = "PORTHOLE_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+    /// How visitors' data connections travel: `tls` (encrypted, on the agent endpoint) or
+    /// `tcp` (plain TCP on --data-listen, forwarded with splice(2); private networks only).
+    #[arg(long, env = "PORTHOLE_DATA_PLANE", default_value = "tls")]
+    pub data_plane: porthole_protocol::DataPlane,
+    /// Address of the plain-TCP data port, used only with `--data-plane tcp`.
+    #[arg(long, env = "PORTHOLE_DATA_LISTEN", default_value = "0.0.0.0:7444")]
+    pub data_listen: SocketAddr,
 }
 
 /// How log lines are written.
@@ -159,6 +166,8 @@ impl Default for RelayConfig {
             visitor_rate_per_minute: 30,
             shutdown_grace: Duration::from_secs(30),
             log_format: LogFormat::Text,
+            data_plane: porthole_protocol::DataPlane::Tls,
+            data_listen: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 7444)),
         }
     }
 }
