@@ -39,7 +39,7 @@ struct Cli {
     /// --peers-dir when missing.
     #[arg(long)]
     peers: bool,
-    /// Only these candidates, comma-separated (direct, porthole-tls, rathole-tcp, rathole-tls,
+    /// Only these candidates, comma-separated (direct, porthole-tls, porthole-tcp, rathole-tcp, rathole-tls,
     /// bore).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,

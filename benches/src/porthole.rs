@@ -16,6 +16,8 @@ use crate::tunnel::{wait_ready, Proc, Role, Tunnel};
 /// Visitor connections the harness may hold besides its idle connections (probes, the
 /// loaded step's streams and ping-pong).
 const VISITOR_MARGIN: usize = 64;
+/// The relay's largest `--max-visitors`.
+const MAX_VISITORS: usize = 1024;
 /// Per-source-IP rate limits, raised so the harness (one source IP) is never throttled.
 const RATE_BURST: &str = "1000000";
 const RATE_PER_MINUTE: &str = "100000000";
@@ -29,6 +31,8 @@ pub struct PortholeSetup {
     pub work: PathBuf,
     /// Idle visitor connections the memory step holds at once.
     pub idle_conns: usize,
+    /// The relay's `--data-plane`: `tls` or `tcp`.
+    pub data_plane: &'static str,
 }
 
 /// What the relay printed at start.
@@ -48,7 +52,12 @@ pub fn start(setup: &PortholeSetup, target: SocketAddr) -> anyhow::Result<Tunnel
     let _ = std::fs::remove_dir_all(&data);
     let mut relay = Proc::spawn(
         Role::Server,
-        relay_command(&relay_bin, &data, setup.idle_conns + VISITOR_MARGIN),
+        relay_command(
+            &relay_bin,
+            &data,
+            (setup.idle_conns + VISITOR_MARGIN).min(MAX_VISITORS),
+            setup.data_plane,
+        ),
         &setup.work.join("relay.log"),
     )?;
     let text = relay
@@ -95,7 +104,7 @@ fn binary(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
 }
 
 /// The relay's command line; `max_visitors` becomes the default of every session.
-fn relay_command(bin: &Path, data: &Path, max_visitors: usize) -> Command {
+fn relay_command(bin: &Path, data: &Path, max_visitors: usize, data_plane: &str) -> Command {
     let mut cmd = Command::new(bin);
     cmd.arg("--data-dir")
         .arg(data)
@@ -109,7 +118,8 @@ fn relay_command(bin: &Path, data: &Path, max_visitors: usize) -> Command {
         .args(["--port-range", &port_range()])
         .args(["--max-visitors", &max_visitors.to_string()])
         .args(["--visitor-rate-burst", RATE_BURST])
-        .args(["--visitor-rate-per-minute", RATE_PER_MINUTE]);
+        .args(["--visitor-rate-per-minute", RATE_PER_MINUTE])
+        .args(["--data-plane", data_plane, "--data-listen", "127.0.0.1:0"]);
     cmd
 }
 

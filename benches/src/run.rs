@@ -34,6 +34,8 @@ pub enum Kind {
     Direct,
     /// Porthole relay + agent, TLS data plane.
     PortholeTls,
+    /// Porthole relay + agent, plain TCP data plane forwarded with splice(2).
+    PortholeTcp,
     /// rathole server + client, TCP transport.
     RatholeTcp,
     /// rathole server + client, TLS transport.
@@ -44,9 +46,10 @@ pub enum Kind {
 
 impl Kind {
     /// Every candidate, in report order.
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 6] = [
         Kind::Direct,
         Kind::PortholeTls,
+        Kind::PortholeTcp,
         Kind::RatholeTcp,
         Kind::RatholeTls,
         Kind::Bore,
@@ -57,6 +60,7 @@ impl Kind {
         match self {
             Kind::Direct => "direct",
             Kind::PortholeTls => "porthole-tls",
+            Kind::PortholeTcp => "porthole-tcp",
             Kind::RatholeTcp => "rathole-tcp",
             Kind::RatholeTls => "rathole-tls",
             Kind::Bore => "bore",
@@ -68,6 +72,9 @@ impl Kind {
         match self {
             Kind::Direct => "client → target on loopback, no tunnel",
             Kind::PortholeTls => "porthole-relay + porthole-agent, TLS 1.3 data plane (rustls)",
+            Kind::PortholeTcp => {
+                "porthole-relay + porthole-agent, plain TCP data plane with splice(2)"
+            }
             Kind::RatholeTcp => "rathole 0.5 server + client, tcp transport",
             Kind::RatholeTls => "rathole 0.5 server + client, tls transport (native-tls/OpenSSL)",
             Kind::Bore => "bore server + bore local, with a shared secret",
@@ -89,11 +96,16 @@ fn start(kind: Kind, opts: &RunOptions, target: SocketAddr) -> anyhow::Result<Tu
             visitor: target,
             procs: Vec::new(),
         }),
-        Kind::PortholeTls => {
+        Kind::PortholeTls | Kind::PortholeTcp => {
             let setup = PortholeSetup {
                 bin_dir: opts.bin_dir.clone(),
                 work,
                 idle_conns: opts.suite.idle_conns,
+                data_plane: if kind == Kind::PortholeTcp {
+                    "tcp"
+                } else {
+                    "tls"
+                },
             };
             porthole::start(&setup, target)
         }
