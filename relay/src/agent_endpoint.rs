@@ -1,8 +1,9 @@
 //! The agent endpoint: TLS 1.3 accept, then the first frame decides what the connection is
 //! (`hello`: control connection; `attach`: data connection for one visitor).
 //!
-//! A permit is taken before accept and held through the TLS handshake and first frame, which
-//! run in the connection's own task under one deadline, never in the accept loop.
+//! Accepting and admission (pending-handshake limits) are [`crate::preauth::accept_loop`]'s;
+//! the TLS handshake and first frame run in the connection's own task under one deadline,
+//! never in the accept loop, holding a pending slot until the first frame.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,10 +15,9 @@ use porthole_protocol::{ErrorCode, FrameError, Message, Secret};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::codec::Framed;
-use tracing::Instrument;
 
-use crate::limits::{ACCEPT_ERROR_BACKOFF, FAREWELL_TIMEOUT, MAX_PENDING_HANDSHAKES_PER_IP};
-use crate::preauth::{HandshakeSlot, PendingHandshakes, PerIpLimit, PerIpPermit};
+use crate::limits::FAREWELL_TIMEOUT;
+use crate::preauth::{accept_loop, PendingGuard};
 use crate::session::DataStream;
 use crate::shared::Relay;
 use crate::{attach, control};
@@ -27,43 +27,11 @@ pub type AgentFramed = Framed<tokio_rustls::server::TlsStream<TcpStream>, Messag
 
 /// Accepts agent connections until shutdown.
 pub async fn serve(relay: Arc<Relay>, listener: TcpListener, acceptor: TlsAcceptor) {
-    let pending = PendingHandshakes::new(relay.config.max_pending_handshakes);
-    let per_ip = PerIpLimit::new(MAX_PENDING_HANDSHAKES_PER_IP);
-    loop {
-        // Accepting never waits on a limit: a full queue of strangers' handshakes must not
-        // keep real agents in the kernel's backlog.
-        let (tcp, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "agent endpoint accept failed; backing off");
-                    tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
-                    continue;
-                }
-            },
-            () = relay.stopping.cancelled() => break,
-        };
-        let Some(ip_permit) = per_ip.try_acquire(peer.ip()) else {
-            relay.metrics.handshake_failed("per_ip_limit");
-            tracing::debug!(%peer, "agent connection refused: too many pending handshakes from this address");
-            continue;
-        };
-        let (slot, evicted) = pending.admit();
-        if evicted {
-            relay.metrics.handshake_failed("evicted");
-        }
-        let span = tracing::info_span!("agent_conn", %peer);
-        relay.tasks.spawn(
-            handle(
-                relay.clone(),
-                acceptor.clone(),
-                tcp,
-                peer,
-                (slot, ip_permit),
-            )
-            .instrument(span),
-        );
-    }
+    let owner = relay.clone();
+    accept_loop(relay, listener, "agent", move |tcp, peer, guard| {
+        handle(owner.clone(), acceptor.clone(), tcp, peer, guard)
+    })
+    .await;
 }
 
 async fn handle(
@@ -71,9 +39,8 @@ async fn handle(
     acceptor: TlsAcceptor,
     tcp: TcpStream,
     peer: SocketAddr,
-    permit: (HandshakeSlot, PerIpPermit),
+    pending: PendingGuard,
 ) {
-    let _ = tcp.set_nodelay(true);
     let handshake = async {
         let tls = acceptor.accept(tcp).await?;
         // rustls accepts clients that offer no ALPN at all; only `porthole/1` speaks to us.
@@ -91,12 +58,12 @@ async fn handle(
         outcome = tokio::time::timeout(relay.config.handshake_timeout, handshake) => outcome,
         // Shutdown does not wait for strangers' handshakes.
         () = relay.cancel.cancelled() => return,
-        () = permit.0.evicted.cancelled() => {
+        () = pending.evicted() => {
             tracing::debug!("agent connection closed: a newer handshake needed its slot");
             return;
         }
     };
-    drop(permit);
+    drop(pending);
     let (mut framed, first) = match outcome {
         Ok(Ok(got)) => got,
         Ok(Err(e)) => {

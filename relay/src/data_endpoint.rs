@@ -11,59 +11,31 @@ use porthole_protocol::codec::MessageCodec;
 use porthole_protocol::{ErrorCode, Message};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::codec::Framed;
-use tracing::Instrument;
 
 use crate::agent_endpoint::refuse;
 use crate::attach;
-use crate::limits::{ACCEPT_ERROR_BACKOFF, MAX_PENDING_HANDSHAKES_PER_IP};
-use crate::preauth::{PendingHandshakes, PerIpLimit};
+use crate::preauth::{accept_loop, PendingGuard};
 use crate::session::DataStream;
 use crate::shared::Relay;
 
 /// Accepts data connections until shutdown.
 pub async fn serve(relay: Arc<Relay>, listener: TcpListener) {
-    let pending = PendingHandshakes::new(relay.config.max_pending_handshakes);
-    let per_ip = PerIpLimit::new(MAX_PENDING_HANDSHAKES_PER_IP);
-    loop {
-        let (tcp, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "data port accept failed; backing off");
-                    tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
-                    continue;
-                }
-            },
-            () = relay.stopping.cancelled() => break,
-        };
-        let Some(ip_permit) = per_ip.try_acquire(peer.ip()) else {
-            relay.metrics.handshake_failed("per_ip_limit");
-            continue;
-        };
-        let (slot, evicted) = pending.admit();
-        if evicted {
-            relay.metrics.handshake_failed("evicted");
-        }
-        let span = tracing::info_span!("data_conn", %peer);
-        let owner = relay.clone();
-        let task = async move {
-            let _held = ip_permit;
-            tokio::select! {
-                () = handle(&owner, tcp, peer) => {}
-                () = slot.evicted.cancelled() => {}
-            }
-        };
-        relay.tasks.spawn(task.instrument(span));
-    }
+    let owner = relay.clone();
+    accept_loop(relay, listener, "data", move |tcp, peer, guard| {
+        handle(owner.clone(), tcp, peer, guard)
+    })
+    .await;
 }
 
-async fn handle(relay: &Arc<Relay>, tcp: TcpStream, peer: SocketAddr) {
-    let _ = tcp.set_nodelay(true);
+async fn handle(relay: Arc<Relay>, tcp: TcpStream, peer: SocketAddr, pending: PendingGuard) {
+    let relay = &relay;
     let mut framed = Framed::new(tcp, MessageCodec);
     let first = tokio::select! {
         first = tokio::time::timeout(relay.config.handshake_timeout, framed.next()) => first,
         () = relay.cancel.cancelled() => return,
+        () = pending.evicted() => return,
     };
+    drop(pending);
     match first {
         Ok(Some(Ok(Message::Attach {
             session_id,

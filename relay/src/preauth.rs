@@ -1,13 +1,22 @@
 //! Limits on what unauthenticated peers can hold: pending agent handshakes relay-wide
 //! ([`PendingHandshakes`], which evicts the oldest instead of refusing the newest) and per
 //! source ([`PerIpLimit`]), so silent connections or stalled TLS handshakes cannot crowd out
-//! real agents.
+//! real agents. [`accept_loop`] applies both to every listener that takes unauthenticated
+//! connections (the agent endpoint and the `tcp` data port).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
+use std::future::Future;
+use std::net::SocketAddr;
+
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::limits::{ACCEPT_ERROR_BACKOFF, MAX_PENDING_HANDSHAKES_PER_IP};
+use crate::shared::Relay;
 
 /// The address limits count against: IPv4 as is, IPv6 by /64 (one host usually holds a
 /// whole /64, so per-address limits would not slow it down).
@@ -212,5 +221,69 @@ mod eviction_tests {
         assert_eq!(pending.len(), 1, "a finished handshake leaves the queue");
         drop((a, c));
         assert!(pending.is_empty());
+    }
+}
+
+/// What an unauthenticated connection holds until its first frame: a relay-wide slot
+/// (which a newer handshake may evict) and a per-source permit. Handlers drop it once the
+/// peer has identified itself, so established links hold neither.
+#[derive(Debug)]
+pub struct PendingGuard {
+    /// The relay-wide slot.
+    slot: HandshakeSlot,
+    /// The per-source permit.
+    _per_ip: PerIpPermit,
+}
+
+impl PendingGuard {
+    /// Resolves when a newer handshake took this one's slot.
+    pub async fn evicted(&self) {
+        self.slot.evicted.cancelled().await
+    }
+}
+
+/// Accepts unauthenticated connections on `listener` until shutdown starts, admits each
+/// under the pending-handshake limits (relay-wide with eviction, per source), and runs
+/// `handle` for it in its own task. Accepting never waits on a limit: a full queue of
+/// strangers' handshakes must not keep real agents in the kernel's backlog.
+pub async fn accept_loop<F, Fut>(
+    relay: Arc<Relay>,
+    listener: TcpListener,
+    kind: &'static str,
+    mut handle: F,
+) where
+    F: FnMut(TcpStream, SocketAddr, PendingGuard) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let pending = PendingHandshakes::new(relay.config.max_pending_handshakes);
+    let per_ip = PerIpLimit::new(MAX_PENDING_HANDSHAKES_PER_IP);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, kind, "accept failed; backing off");
+                    tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+                    continue;
+                }
+            },
+            () = relay.stopping.cancelled() => break,
+        };
+        let Some(per_ip_permit) = per_ip.try_acquire(peer.ip()) else {
+            relay.metrics.handshake_failed("per_ip_limit");
+            tracing::debug!(%peer, kind, "connection refused: too many pending handshakes from this address");
+            continue;
+        };
+        let (slot, evicted) = pending.admit();
+        if evicted {
+            relay.metrics.handshake_failed("evicted");
+        }
+        let _ = tcp.set_nodelay(true);
+        let guard = PendingGuard {
+            slot,
+            _per_ip: per_ip_permit,
+        };
+        let span = tracing::info_span!("conn", kind, %peer);
+        relay.tasks.spawn(handle(tcp, peer, guard).instrument(span));
     }
 }
