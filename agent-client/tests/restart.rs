@@ -12,7 +12,6 @@ use std::time::Duration;
 use anyhow::{ensure, Context as _};
 use common::agent::Agent;
 use common::peers::sshd::Sshd;
-use common::peers::tools::run_with_timeout;
 use common::relay_process::RelaySetup;
 use common::{port_refuses, wait_for};
 use serde_json::json;
@@ -58,34 +57,7 @@ fn kill9_mid_transfer_then_restart_resumes_on_the_same_port() -> anyhow::Result<
     drop(out);
     let _ = transfer.kill();
 
-    let relay = setup.start()?;
-    agent.wait_line("resumed session", Duration::from_secs(30))?;
-    let after = wait_for(
-        "the session to be active again",
-        Duration::from_secs(20),
-        || {
-            relay
-                .session(&http, &id)
-                .ok()
-                .filter(|v| v["state"] == "active")
-        },
-    )?;
-    for field in ["deadline", "expires_at", "created_at", "endpoints"] {
-        assert_eq!(
-            after[field], before[field],
-            "{field} must survive the restart"
-        );
-    }
-    let ok = run_with_timeout(
-        sshd.ssh("127.0.0.1", port).arg("echo after restart"),
-        Duration::from_secs(30),
-    )?;
-    ensure!(
-        ok.status.success(),
-        "ssh after restart failed: {}",
-        ok.stderr
-    );
-    assert_eq!(ok.stdout_text(), "after restart\n");
+    let _relay = setup.restart_and_check_resumed(&agent, &id, &before, &sshd, port)?;
     Ok(())
 }
 

@@ -14,7 +14,6 @@ use std::time::Duration;
 use anyhow::{ensure, Context as _};
 use common::agent::Agent;
 use common::peers::sshd::Sshd;
-use common::peers::tools::run_with_timeout;
 use common::relay_process::RelaySetup;
 use common::{echo, wait_for};
 use serde_json::json;
@@ -71,30 +70,7 @@ fn sigterm_drains_exits_zero_and_the_agent_comes_back() -> anyhow::Result<()> {
     agent.wait_line("restarting", Duration::from_secs(10))?;
 
     // Back up on the same data dir and ports: the agent resumes by itself, state intact.
-    let relay = setup.start()?;
-    agent.wait_line("resumed session", Duration::from_secs(30))?;
-    let after = wait_for(
-        "the session to be active again",
-        Duration::from_secs(20),
-        || {
-            relay
-                .session(&http, &id)
-                .ok()
-                .filter(|v| v["state"] == "active")
-        },
-    )?;
-    for field in ["deadline", "expires_at", "created_at", "endpoints"] {
-        assert_eq!(
-            after[field], before[field],
-            "{field} must survive the restart"
-        );
-    }
-    let ok = run_with_timeout(
-        sshd.ssh("127.0.0.1", port).arg("echo back"),
-        Duration::from_secs(30),
-    )?;
-    ensure!(ok.status.success(), "ssh after the restart: {}", ok.stderr);
-    assert_eq!(ok.stdout_text(), "back\n");
+    let _relay = setup.restart_and_check_resumed(&agent, &id, &before, &sshd, port)?;
     let _ = live.kill();
     Ok(())
 }

@@ -142,6 +142,51 @@ impl RelaySetup {
         ))
     }
 
+    /// Starts the relay again on the same data dir and ports and checks what a restart must
+    /// keep: the agent resumes by itself, the session is active with the same deadlines and
+    /// endpoints as `before`, and SSH through its port works.
+    pub fn restart_and_check_resumed(
+        &self,
+        agent: &super::agent::Agent,
+        id: &str,
+        before: &Value,
+        sshd: &super::peers::sshd::Sshd,
+        port: u16,
+    ) -> anyhow::Result<RelayProcess> {
+        let relay = self.start()?;
+        agent.wait_line("resumed session", Duration::from_secs(30))?;
+        let http = self.http()?;
+        let after = super::wait_for(
+            "the session to be active again",
+            Duration::from_secs(20),
+            || {
+                relay
+                    .session(&http, id)
+                    .ok()
+                    .filter(|v| v["state"] == "active")
+            },
+        )?;
+        for field in ["deadline", "expires_at", "created_at", "endpoints"] {
+            anyhow::ensure!(
+                after[field] == before[field],
+                "{field} must survive the restart: {} vs {}",
+                after[field],
+                before[field]
+            );
+        }
+        let ok = super::peers::tools::run_with_timeout(
+            sshd.ssh("127.0.0.1", port).arg("echo after restart"),
+            Duration::from_secs(30),
+        )?;
+        anyhow::ensure!(ok.status.success(), "ssh after the restart: {}", ok.stderr);
+        anyhow::ensure!(
+            ok.stdout_text() == "after restart\n",
+            "ssh said {:?}",
+            ok.stdout_text()
+        );
+        Ok(relay)
+    }
+
     /// An API client with the admin token.
     pub fn http(&self) -> anyhow::Result<reqwest::blocking::Client> {
         let mut headers = reqwest::header::HeaderMap::new();
