@@ -3,12 +3,14 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use porthole_protocol::tls::{parse_pin, RelayTrust};
 use porthole_protocol::{Credential, Secret, Service};
 
 use crate::credentials;
+use crate::embedded_ssh::EmbeddedSsh;
 
 /// Settings of `porthole-agent run` (the default command).
 #[derive(Clone, Debug, clap::Args)]
@@ -19,14 +21,35 @@ pub struct AgentConfig {
     /// Join token from the relay's API (keep it out of build logs: prefer the variable).
     #[arg(long, env = "PORTHOLE_TOKEN", hide_env_values = true, required = true, value_parser = parse_secret)]
     pub token: Option<Secret>,
-    /// A local service to expose, NAME=HOST:PORT (NAME is ssh or vnc); repeat per service.
+    /// A local service to expose, NAME=HOST:PORT (NAME is ssh or vnc), or ssh=embedded for
+    /// the agent's own SSH server; repeat per service.
     #[arg(
         long = "service",
         env = "PORTHOLE_SERVICES",
         value_delimiter = ',',
-        required = true
+        required_unless_present = "embedded_ssh"
     )]
     pub services: Vec<ServiceTarget>,
+    /// Serve SSH from the agent itself (no sshd needed): same as --service ssh=embedded.
+    #[arg(long, env = "PORTHOLE_EMBEDDED_SSH")]
+    pub embedded_ssh: bool,
+    /// Embedded SSH: also accept the public keys in this OpenSSH authorized_keys file.
+    #[arg(long, env = "PORTHOLE_AUTHORIZED_KEYS")]
+    pub authorized_keys: Option<PathBuf>,
+    /// Embedded SSH: working directory of shells, commands and relative SFTP paths
+    /// [default: the agent's].
+    #[arg(long, env = "PORTHOLE_SSH_WORKDIR")]
+    pub ssh_workdir: Option<PathBuf>,
+    /// Embedded SSH: the shell [default: the user's login shell, else /bin/sh].
+    #[arg(long, env = "PORTHOLE_SSH_SHELL")]
+    pub ssh_shell: Option<PathBuf>,
+    /// Embedded SSH: set NAME=VALUE in every session; repeat per variable.
+    #[arg(long = "ssh-env", value_parser = parse_env_var)]
+    pub ssh_env: Vec<(String, String)>,
+    /// Embedded SSH: start sessions from an empty environment instead of the build's
+    /// (the agent's own PORTHOLE_* variables are never passed on).
+    #[arg(long, env = "PORTHOLE_SSH_ENV_CLEAR")]
+    pub ssh_env_clear: bool,
     /// Trust relay certificates issued by the CA(s) in this PEM file.
     #[arg(long, env = "PORTHOLE_CA_CERT", conflicts_with = "pin_sha256")]
     pub ca_cert: Option<PathBuf>,
@@ -64,6 +87,19 @@ pub struct AgentConfig {
     pub connect_timeout: Duration,
 }
 
+fn parse_env_var(s: &str) -> Result<(String, String), String> {
+    let (name, value) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}`: expected NAME=VALUE"))?;
+    let valid = !name.is_empty()
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if !valid {
+        return Err(format!("`{name}` is not a variable name"));
+    }
+    Ok((name.to_owned(), value.to_owned()))
+}
+
 fn parse_secret(s: &str) -> Result<Secret, String> {
     let s = s.trim();
     if s.is_empty() || s.len() > porthole_protocol::limits::MAX_SECRET_LEN {
@@ -80,13 +116,31 @@ pub fn default_pid_file() -> PathBuf {
         .join("porthole-agent.pid")
 }
 
-/// `NAME=HOST:PORT`.
+/// `NAME=HOST:PORT` or `ssh=embedded`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServiceTarget {
     /// The service.
     pub service: Service,
-    /// Where the agent dials it.
-    pub target: String,
+    /// What serves it.
+    pub target: Target,
+}
+
+/// What serves a service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// A local server the agent dials, HOST:PORT.
+    Dial(String),
+    /// The agent's embedded SSH server.
+    EmbeddedSsh,
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Dial(addr) => f.write_str(addr),
+            Self::EmbeddedSsh => f.write_str("embedded"),
+        }
+    }
 }
 
 impl FromStr for ServiceTarget {
@@ -96,6 +150,15 @@ impl FromStr for ServiceTarget {
             .split_once('=')
             .ok_or_else(|| format!("`{s}`: expected NAME=HOST:PORT, e.g. ssh=127.0.0.1:22"))?;
         let service: Service = name.parse()?;
+        if target == "embedded" {
+            if service != Service::Ssh {
+                return Err(format!("`{s}`: only ssh can be embedded"));
+            }
+            return Ok(Self {
+                service,
+                target: Target::EmbeddedSsh,
+            });
+        }
         let port_ok = target
             .rsplit_once(':')
             .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
@@ -104,7 +167,7 @@ impl FromStr for ServiceTarget {
         }
         Ok(Self {
             service,
-            target: target.to_owned(),
+            target: Target::Dial(target.to_owned()),
         })
     }
 }
@@ -120,8 +183,8 @@ pub struct Resolved {
     pub server_name: String,
     /// Join token.
     pub token: Secret,
-    /// Local targets by service.
-    pub services: BTreeMap<Service, String>,
+    /// What serves each service.
+    pub services: BTreeMap<Service, Target>,
     /// How the relay is verified.
     pub trust: RelayTrust,
     /// Connect deadline.
@@ -130,6 +193,8 @@ pub struct Resolved {
     pub credentials: Vec<Credential>,
     /// SSH host public keys.
     pub host_keys: Vec<String>,
+    /// The embedded SSH server, when SSH is embedded.
+    pub embedded_ssh: Option<Arc<EmbeddedSsh>>,
 }
 
 impl AgentConfig {
@@ -152,8 +217,20 @@ impl AgentConfig {
                 return Err(format!("--service {} is given twice", s.service));
             }
         }
+        if self.embedded_ssh {
+            match services.insert(Service::Ssh, Target::EmbeddedSsh) {
+                None | Some(Target::EmbeddedSsh) => {}
+                Some(Target::Dial(addr)) => {
+                    return Err(format!(
+                        "--embedded-ssh and --service ssh={addr}: pick one SSH server"
+                    ))
+                }
+            }
+        }
         if services.is_empty() {
-            return Err("at least one --service NAME=HOST:PORT is required".into());
+            return Err(
+                "at least one --service NAME=HOST:PORT (or --embedded-ssh) is required".into(),
+            );
         }
         let trust = match (&self.ca_cert, &self.pin_sha256) {
             (Some(ca), None) => RelayTrust::CaFile(ca.clone()),
@@ -161,10 +238,11 @@ impl AgentConfig {
             (None, None) => RelayTrust::SystemRoots,
             (Some(_), Some(_)) => return Err("use --ca-cert or --pin-sha256, not both".into()),
         };
-        let (credentials, host_keys) = credentials::gather(self, &services)?;
+        let (credentials, host_keys, embedded_ssh) = credentials::gather(self, &services)?;
         Ok(Resolved {
             credentials,
             host_keys,
+            embedded_ssh,
             relay_host: host.clone(),
             server_name: self.server_name.clone().unwrap_or(host),
             relay,

@@ -1,29 +1,61 @@
 //! What the agent tells the relay so allowed users can log in: user names, passwords (read
-//! from files, never flags, so they stay out of `ps`), and the machine's SSH host keys.
+//! from files, never flags, so they stay out of `ps`), and the machine's SSH host keys; or,
+//! with the embedded SSH server, its one-time password and per-session host key.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use porthole_protocol::{Credential, Secret, Service};
 
-use crate::config::AgentConfig;
+use crate::config::{AgentConfig, Target};
+use crate::embedded_ssh::{self, EmbeddedSsh};
 
 /// Where OpenSSH keeps host public keys.
 const DEFAULT_HOST_KEY_DIR: &str = "/etc/ssh";
 
+/// What [`gather`] finds: credentials, SSH host keys, and the embedded SSH server.
+pub type Gathered = (Vec<Credential>, Vec<String>, Option<Arc<EmbeddedSsh>>);
+
 /// Credentials and host keys for the services this agent exposes.
 pub fn gather(
     config: &AgentConfig,
-    services: &BTreeMap<Service, String>,
-) -> Result<(Vec<Credential>, Vec<String>), String> {
+    services: &BTreeMap<Service, Target>,
+) -> Result<Gathered, String> {
     let mut credentials = Vec::new();
     let mut host_keys = Vec::new();
+    let mut embedded = None;
     let ssh_user = config
         .ssh_user
         .clone()
         .map(Ok)
         .unwrap_or_else(current_user)?;
-    if services.contains_key(&Service::Ssh) {
+    if services.get(&Service::Ssh) == Some(&Target::EmbeddedSsh) {
+        if config.ssh_password_file.is_some() || !config.ssh_host_key_files.is_empty() {
+            return Err(
+                "the embedded SSH server makes its own password and host key: drop \
+                 --ssh-password-file and --ssh-host-key-file"
+                    .into(),
+            );
+        }
+        let settings = embedded_ssh::Settings::generate(&embedded_ssh::Options {
+            username: ssh_user.clone(),
+            authorized_keys: config.authorized_keys.clone(),
+            workdir: config.ssh_workdir.clone(),
+            shell: config.ssh_shell.clone(),
+            env_clear: config.ssh_env_clear,
+            env: config.ssh_env.clone(),
+        })?;
+        credentials.push(Credential {
+            service: Service::Ssh,
+            username: ssh_user.clone(),
+            password: Some(settings.password().clone()),
+        });
+        host_keys.push(settings.host_key_line()?);
+        embedded = Some(Arc::new(EmbeddedSsh::new(settings)));
+    } else if config.authorized_keys.is_some() {
+        return Err("--authorized-keys is for the embedded SSH server (--embedded-ssh)".into());
+    } else if services.contains_key(&Service::Ssh) {
         let password = config
             .ssh_password_file
             .as_deref()
@@ -49,7 +81,7 @@ pub fn gather(
             password,
         });
     }
-    Ok((credentials, host_keys))
+    Ok((credentials, host_keys, embedded))
 }
 
 /// The name of the user running the agent.

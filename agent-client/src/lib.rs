@@ -9,6 +9,8 @@
 //! - [`link`]: dialing the relay (TCP + verified TLS 1.3).
 //! - [`control`]: one control connection: register, heartbeats, open, finish, revoked.
 //! - [`visitor`]: one visitor: dial the local service, attach, forward.
+//! - [`embedded_ssh`]: the agent's own SSH server (`--embedded-ssh`), served on data
+//!   connections.
 //! - [`backoff`]: jittered exponential reconnect delays that reset after a healthy link.
 //!
 //! [`run`] keeps the agent registered until the session is revoked (reconnecting and
@@ -18,6 +20,7 @@ pub mod backoff;
 pub mod config;
 pub mod control;
 pub mod credentials;
+pub mod embedded_ssh;
 pub mod error;
 pub mod events;
 pub mod link;

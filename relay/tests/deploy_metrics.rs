@@ -18,6 +18,7 @@ use anyhow::{anyhow, bail, ensure, Context, Result};
 use common::deploy_files::{alert_rules, dashboard, groupings, json_strings, read};
 use common::{str_field, TestRelay};
 use openmetrics_parser::{prometheus::parse_prometheus, PrometheusValue};
+use porthole_agent::config::Target;
 use porthole_agent::{AgentEvent, Outcome, Resolved};
 use porthole_protocol::tls::{parse_pin, RelayTrust};
 use porthole_protocol::{Secret, Service};
@@ -168,11 +169,12 @@ async fn scrape_after_scenario() -> Result<BTreeMap<String, Family>> {
         relay_host: proxy.addr.ip().to_string(),
         server_name: "localhost".into(),
         token: Secret::new(str_field(&session, "join_token")?),
-        services: BTreeMap::from([(Service::Ssh, echo().await?.to_string())]),
+        services: BTreeMap::from([(Service::Ssh, Target::Dial(echo().await?.to_string()))]),
         trust: RelayTrust::Pin(parse_pin(&relay.handle.info.fingerprint)?),
         connect_timeout: Duration::from_secs(5),
         credentials: Vec::new(),
         host_keys: Vec::new(),
+        embedded_ssh: None,
     };
     let (tx, mut events) = mpsc::unbounded_channel();
     let reporter = move |e: &AgentEvent| drop(tx.send(e.clone()));

@@ -83,7 +83,10 @@ impl Agent {
             .arg("--pid-file")
             .arg(&pid_file)
             .env("PORTHOLE_TOKEN", token)
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("AGENT_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -1,0 +1,184 @@
+//! One SSH connection's `russh` handler: authentication, channel opens (each channel gets
+//! its own task) and the answers to channel requests.
+
+use std::sync::Arc;
+
+use russh::keys::ssh_key;
+use russh::server::{Auth, ChannelOpenHandle, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
+use russh::{Channel, ChannelId, ChannelOpenFailure};
+use tokio::sync::Semaphore;
+
+use super::process::Request;
+use super::{forward, session, sftp, Shared};
+
+/// Session channels (shells, commands, SFTP) one connection may hold open, as OpenSSH's
+/// default `MaxSessions`.
+pub const MAX_SESSIONS: usize = 10;
+/// `ssh -L` channels one connection may hold open.
+pub const MAX_FORWARDS: usize = 256;
+
+/// The handler of one connection.
+#[derive(Debug)]
+pub struct Connection {
+    shared: Arc<Shared>,
+    sessions: Arc<Semaphore>,
+    forwards: Arc<Semaphore>,
+}
+
+impl Connection {
+    /// A handler for a new connection.
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Self {
+            shared,
+            sessions: Arc::new(Semaphore::new(MAX_SESSIONS)),
+            forwards: Arc::new(Semaphore::new(MAX_FORWARDS)),
+        }
+    }
+
+    fn reject() -> Auth {
+        Auth::reject()
+    }
+}
+
+impl russh::server::Handler for Connection {
+    type Error = russh::Error;
+
+    async fn auth_password(&mut self, user: &str, password: &str) -> Result<Auth, Self::Error> {
+        if self.shared.settings.password_matches(user, password) {
+            tracing::info!(user, "embedded ssh: password login");
+            return Ok(Auth::Accept);
+        }
+        tracing::info!(user, "embedded ssh: wrong user or password");
+        Ok(Self::reject())
+    }
+
+    async fn auth_publickey_offered(
+        &mut self,
+        user: &str,
+        offer: PublicKeyOffer<'_>,
+    ) -> Result<Auth, Self::Error> {
+        if self.shared.settings.key_matches(user, offer.public_key) {
+            return Ok(Auth::Accept);
+        }
+        Ok(Self::reject())
+    }
+
+    async fn auth_publickey(
+        &mut self,
+        user: &str,
+        key: VerifiedPublicKey<'_>,
+    ) -> Result<Auth, Self::Error> {
+        if self.shared.settings.key_matches(user, key.public_key) {
+            let fingerprint = key.public_key.fingerprint(ssh_key::HashAlg::Sha256);
+            tracing::info!(user, %fingerprint, "embedded ssh: key login");
+            return Ok(Auth::Accept);
+        }
+        Ok(Self::reject())
+    }
+
+    async fn auth_succeeded(&mut self, _session: &mut Session) -> Result<(), Self::Error> {
+        self.shared.logged_in.cancel();
+        Ok(())
+    }
+
+    async fn channel_open_session(
+        &mut self,
+        channel: Channel<Msg>,
+        reply: ChannelOpenHandle,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let Ok(permit) = self.sessions.clone().try_acquire_owned() else {
+            reply.reject(ChannelOpenFailure::ResourceShortage).await;
+            return Ok(());
+        };
+        reply.accept().await;
+        let handle = session.handle();
+        let shared = self.shared.clone();
+        self.shared.tasks.spawn(async move {
+            session::serve(channel, handle, shared).await;
+            drop(permit);
+        });
+        Ok(())
+    }
+
+    async fn channel_open_direct_tcpip(
+        &mut self,
+        channel: Channel<Msg>,
+        host_to_connect: &str,
+        port_to_connect: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let Ok(permit) = self.forwards.clone().try_acquire_owned() else {
+            reply.reject(ChannelOpenFailure::ResourceShortage).await;
+            return Ok(());
+        };
+        let (host, shared) = (host_to_connect.to_owned(), self.shared.clone());
+        self.shared.tasks.spawn(async move {
+            forward::serve(channel, reply, host, port_to_connect, shared).await;
+            drop(permit);
+        });
+        Ok(())
+    }
+
+    async fn pty_request(
+        &mut self,
+        channel: ChannelId,
+        _term: &str,
+        _col_width: u32,
+        _row_height: u32,
+        _pix_width: u32,
+        _pix_height: u32,
+        _modes: &[(russh::Pty, u32)],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        session.channel_success(channel)
+    }
+
+    async fn env_request(
+        &mut self,
+        channel: ChannelId,
+        variable_name: &str,
+        variable_value: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        // The same check the channel task applies (the task keeps its own list).
+        if Request::default().add_env(variable_name, variable_value) {
+            session.channel_success(channel)
+        } else {
+            session.channel_failure(channel)
+        }
+    }
+
+    async fn shell_request(
+        &mut self,
+        channel: ChannelId,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        session.channel_success(channel)
+    }
+
+    async fn exec_request(
+        &mut self,
+        channel: ChannelId,
+        _data: &[u8],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        session.channel_success(channel)
+    }
+
+    async fn subsystem_request(
+        &mut self,
+        channel: ChannelId,
+        name: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if name == sftp::SUBSYSTEM {
+            session.channel_success(channel)
+        } else {
+            session.channel_failure(channel)
+        }
+    }
+}
