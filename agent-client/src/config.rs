@@ -82,6 +82,11 @@ pub struct AgentConfig {
         value_delimiter = ','
     )]
     pub ssh_host_key_files: Vec<PathBuf>,
+    /// Data connections kept open and authenticated on the relay, so visitors are paired
+    /// without waiting for a handshake (0 turns this off).
+    #[arg(long, env = "PORTHOLE_WARM_CONNECTIONS", default_value_t = 2,
+          value_parser = clap::value_parser!(u16).range(0..=crate::warm::MAX_WARM as i64))]
+    pub warm_connections: u16,
     /// Deadline for connecting to the relay or a local service.
     #[arg(long, env = "PORTHOLE_CONNECT_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub connect_timeout: Duration,
@@ -189,6 +194,8 @@ pub struct Resolved {
     pub trust: RelayTrust,
     /// Connect deadline.
     pub connect_timeout: Duration,
+    /// Warm data connections to keep.
+    pub warm_connections: usize,
     /// Login details for the instructions.
     pub credentials: Vec<Credential>,
     /// SSH host public keys.
@@ -250,6 +257,7 @@ impl AgentConfig {
             services,
             trust,
             connect_timeout: self.connect_timeout,
+            warm_connections: usize::from(self.warm_connections),
         })
     }
 }

@@ -15,6 +15,7 @@ use tokio_util::codec::Framed;
 use crate::error::AgentError;
 use crate::events::AgentEvent;
 use crate::visitor::{self, DataRoute, Open};
+use crate::warm::Pool;
 use crate::Context;
 
 /// Bounds on the heartbeat interval a relay may ask for.
@@ -71,6 +72,7 @@ pub async fn run(
         .map_err(|e| AgentError::Unreachable(e.to_string()))?;
     let answer = tokio::time::timeout(ctx.config.connect_timeout, framed.next()).await;
     let plane: DataRoute;
+    let warm: Option<Pool>;
     let (session_id, heartbeat) = match answer {
         Ok(Some(Ok(Message::Registered {
             session_id,
@@ -81,12 +83,21 @@ pub async fn run(
             resumed,
             data_plane,
             data_port,
+            park_secret,
         }))) => {
             plane = match (data_plane, data_port) {
                 (DataPlane::Tcp, Some(port)) => DataRoute::Tcp(port),
                 _ => DataRoute::Tls,
             };
             *creds = Credentials::Resume(session_id.clone(), resume_secret);
+            warm = park_secret
+                .filter(|_| ctx.config.warm_connections > 0)
+                .map(|secret| Pool {
+                    session_id: session_id.clone(),
+                    secret,
+                    route: plane,
+                    size: ctx.config.warm_connections,
+                });
             *registered_at = Some(Instant::now());
             let deadline = from_unix_ms(deadline_unix_ms);
             ctx.report(AgentEvent::Registered {
@@ -126,6 +137,13 @@ pub async fn run(
             .send(Message::Finish)
             .await
             .map_err(|e| AgentError::LinkLost(e.to_string()))?;
+    }
+    // Warm data connections live as long as this link.
+    let link = ctx.cancel.child_token();
+    let _end_warm = link.clone().drop_guard();
+    if let Some(pool) = warm {
+        ctx.tasks
+            .spawn(crate::warm::keep(ctx.clone(), pool, link.clone()));
     }
     let (fail_tx, mut fail_rx) = mpsc::channel(FAILURE_QUEUE);
     let mut ticker = tokio::time::interval(heartbeat);

@@ -11,6 +11,8 @@
 //! - [`visitor`]: one visitor: dial the local service, attach, forward.
 //! - [`embedded_ssh`]: the agent's own SSH server (`--embedded-ssh`), served on data
 //!   connections.
+//! - [`warm`]: warm data connections parked on the relay, handed to visitors at once.
+//! - [`prefixed`]: a stream that first yields bytes a frame decoder read ahead.
 //! - [`backoff`]: jittered exponential reconnect delays that reset after a healthy link.
 //!
 //! [`run`] keeps the agent registered until the session is revoked (reconnecting and
@@ -24,7 +26,9 @@ pub mod embedded_ssh;
 pub mod error;
 pub mod events;
 pub mod link;
+pub mod prefixed;
 pub mod visitor;
+pub mod warm;
 
 use std::sync::Arc;
 

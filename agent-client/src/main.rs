@@ -80,6 +80,14 @@ fn finish(pid_file: &Path) -> Result<(), String> {
 
 fn serve(config: AgentConfig) -> Result<(), String> {
     let resolved = config.resolve()?;
+    if resolved.embedded_ssh.is_some() {
+        // Shells of the embedded SSH server run as this user: keep them out of this
+        // process's memory and /proc/PID/environ (its resume secret; the join token there is
+        // spent once the session is registered). Root can still read them.
+        if let Err(e) = nix::sys::prctl::set_dumpable(false) {
+            tracing::warn!(error = %e, "cannot make the agent non-dumpable");
+        }
+    }
     let logins: Vec<Credential> = resolved.credentials.clone();
     let runtime =
         tokio::runtime::Runtime::new().map_err(|e| format!("cannot start the runtime: {e}"))?;

@@ -14,6 +14,8 @@ use tokio::sync::mpsc;
 use tokio_rustls::client::TlsStream;
 
 use crate::config::Target;
+use crate::embedded_ssh::EmbeddedSsh;
+use crate::prefixed::Prefixed;
 use crate::Context;
 
 /// An `open` from the relay.
@@ -40,10 +42,22 @@ pub enum DataRoute {
     Tcp(u16),
 }
 
-/// A data connection to the relay, `attach` already sent.
-enum DataConn {
+/// A data connection to the relay, its first frame (`attach` or `park`) already sent.
+#[derive(Debug)]
+pub enum DataConn {
+    /// TLS to the agent endpoint.
     Tls(Box<TlsStream<TcpStream>>),
+    /// Plain TCP to the data port.
     Tcp(TcpStream),
+}
+
+/// What serves a visitor on the build machine.
+#[derive(Debug)]
+pub enum Local {
+    /// A connection to the local service.
+    Dialed(TcpStream),
+    /// The embedded SSH server.
+    Embedded(Arc<EmbeddedSsh>),
 }
 
 /// Serves one visitor; reports `open_failed` on `failures` when the service is unreachable.
@@ -53,46 +67,74 @@ pub async fn serve(ctx: Arc<Context>, open: Open, failures: mpsc::Sender<Message
         tracing::warn!(conn_id, service = %open.service, "{reason}");
         let _ = failures.try_send(Message::OpenFailed { conn_id, reason });
     };
-    let target = match ctx.config.services.get(&open.service) {
+    let local = match local_side(&ctx, open.service).await {
+        Ok(local) => local,
+        Err(reason) => return fail(reason),
+    };
+    let attach = Message::Attach {
+        session_id: open.session_id.clone(),
+        conn_id,
+        secret: open.secret.clone(),
+    };
+    let data = match dial_data(&ctx, open.route, &attach).await {
+        Ok(data) => data,
+        Err(reason) => return fail(reason),
+    };
+    forward(&ctx, conn_id, local, data, &[]).await;
+}
+
+/// Reaches what serves `service` here: dials the local service, or picks the embedded SSH
+/// server.
+pub async fn local_side(ctx: &Context, service: Service) -> Result<Local, String> {
+    let target = match ctx.config.services.get(&service) {
         Some(Target::Dial(addr)) => addr,
         Some(Target::EmbeddedSsh) => {
-            let Some(server) = ctx.config.embedded_ssh.clone() else {
-                return fail("the embedded SSH server is not set up".into());
-            };
-            let data = match attach(&ctx, &open).await {
-                Ok(data) => data,
-                Err(reason) => return fail(reason),
-            };
+            return ctx
+                .config
+                .embedded_ssh
+                .clone()
+                .map(Local::Embedded)
+                .ok_or_else(|| "the embedded SSH server is not set up".into())
+        }
+        None => return Err(format!("this agent does not expose `{service}`")),
+    };
+    match tokio::time::timeout(ctx.config.connect_timeout, TcpStream::connect(target)).await {
+        Ok(Ok(s)) => {
+            let _ = s.set_nodelay(true);
+            Ok(Local::Dialed(s))
+        }
+        Ok(Err(e)) => Err(format!("cannot reach {service} at {target}: {e}")),
+        Err(_) => Err(format!("cannot reach {service} at {target}: timed out")),
+    }
+}
+
+/// Forwards between the local side and the data connection until either ends; `prefix`
+/// holds bytes already read from the relay (they go to the local side first).
+pub async fn forward(ctx: &Context, conn_id: u64, local: Local, data: DataConn, prefix: &[u8]) {
+    let mut local = match local {
+        Local::Dialed(s) => s,
+        Local::Embedded(server) => {
             match data {
-                DataConn::Tls(s) => server.serve(s, &ctx.cancel, &ctx.tasks).await,
-                DataConn::Tcp(s) => server.serve(s, &ctx.cancel, &ctx.tasks).await,
+                DataConn::Tls(s) => {
+                    server
+                        .serve(Prefixed::new(prefix, s), &ctx.cancel, &ctx.tasks)
+                        .await
+                }
+                DataConn::Tcp(s) => {
+                    server
+                        .serve(Prefixed::new(prefix, s), &ctx.cancel, &ctx.tasks)
+                        .await
+                }
             }
             return;
         }
-        None => return fail(format!("this agent does not expose `{}`", open.service)),
-    };
-    let mut local =
-        match tokio::time::timeout(ctx.config.connect_timeout, TcpStream::connect(target)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => return fail(format!("cannot reach {} at {target}: {e}", open.service)),
-            Err(_) => {
-                return fail(format!(
-                    "cannot reach {} at {target}: timed out",
-                    open.service
-                ))
-            }
-        };
-    let _ = local.set_nodelay(true);
-    let data = match attach(&ctx, &open).await {
-        Ok(data) => data,
-        Err(reason) => return fail(reason),
     };
     match data {
         DataConn::Tcp(mut data) => {
             let (_, result) = splice_forward_with(
                 &mut local,
                 &mut data,
-                &[],
+                prefix,
                 &ctx.cancel,
                 SpliceOptions::default(),
             )
@@ -102,7 +144,7 @@ pub async fn serve(ctx: Arc<Context>, open: Open, failures: mpsc::Sender<Message
             }
         }
         DataConn::Tls(mut data) => {
-            match forward_until(&mut local, &mut data, &[], &ctx.cancel).await {
+            match forward_until(&mut local, &mut data, prefix, &ctx.cancel).await {
                 Ok(stats) => tracing::debug!(
                     conn_id,
                     to_relay = stats.a_to_b,
@@ -117,18 +159,18 @@ pub async fn serve(ctx: Arc<Context>, open: Open, failures: mpsc::Sender<Message
     }
 }
 
-/// Opens a data connection for `open` the way the relay said (TLS to the agent endpoint or
-/// plain TCP to the data port) and sends `attach` on it.
-async fn attach(ctx: &Context, open: &Open) -> Result<DataConn, String> {
-    let mut attach = BytesMut::new();
-    let msg = Message::Attach {
-        session_id: open.session_id.clone(),
-        conn_id: open.conn_id,
-        secret: open.secret.clone(),
-    };
-    frame::encode(&msg, &mut attach).map_err(|e| format!("cannot encode attach: {e}"))?;
+/// Opens a data connection the way the relay said (TLS to the agent endpoint or plain TCP
+/// to the data port) and sends `first` (`attach` or `park`) on it.
+pub async fn dial_data(
+    ctx: &Context,
+    route: DataRoute,
+    first: &Message,
+) -> Result<DataConn, String> {
+    let mut frame_bytes = BytesMut::new();
+    frame::encode(first, &mut frame_bytes)
+        .map_err(|e| format!("cannot encode {}: {e}", first.kind()))?;
     let dialing = ctx.dials.acquire().await;
-    let mut data = match open.route {
+    let mut data = match route {
         DataRoute::Tcp(port) => {
             let addr = (ctx.config.relay_host.as_str(), port);
             let data =
@@ -155,9 +197,9 @@ async fn attach(ctx: &Context, open: &Open) -> Result<DataConn, String> {
     };
     drop(dialing);
     let sent = match &mut data {
-        DataConn::Tcp(s) => s.write_all(&attach).await,
-        DataConn::Tls(s) => s.write_all(&attach).await,
+        DataConn::Tcp(s) => s.write_all(&frame_bytes).await,
+        DataConn::Tls(s) => s.write_all(&frame_bytes).await,
     };
-    sent.map_err(|e| format!("cannot send attach: {e}"))?;
+    sent.map_err(|e| format!("cannot send {}: {e}", first.kind()))?;
     Ok(data)
 }

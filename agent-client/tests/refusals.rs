@@ -28,6 +28,7 @@ struct Healthy {
     relay: TestRelay,
     _agent: Agent,
     port: u16,
+    session_id: String,
 }
 
 impl Healthy {
@@ -45,6 +46,7 @@ impl Healthy {
             relay,
             _agent: agent,
             port: session.port("ssh"),
+            session_id: session.id.clone(),
         };
         h.check()?;
         Ok(h)
@@ -225,6 +227,20 @@ fn bad_first_frames_get_typed_errors() -> anyhow::Result<()> {
         secret: Secret::new("phc_x"),
     };
     expect_error(h.answer_to(attach)?, ErrorCode::BadAttach, "attach refused")?;
+    h.check()?;
+
+    // A warm data connection with a secret no link gave out, or for no session.
+    let session_id = h.session_id.clone();
+    let park = Message::Park {
+        session_id,
+        secret: Secret::new("php_forged"),
+    };
+    expect_error(h.answer_to(park)?, ErrorCode::BadToken, "park refused")?;
+    let park = Message::Park {
+        session_id: "s_nope".into(),
+        secret: Secret::new("php_x"),
+    };
+    expect_error(h.answer_to(park)?, ErrorCode::BadToken, "park refused")?;
     h.check()?;
 
     // Not TLS at all: the connection is closed, nothing else is disturbed.

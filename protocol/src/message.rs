@@ -228,6 +228,10 @@ pub enum Message {
         /// endpoint).
         #[serde(default)]
         data_port: Option<u16>,
+        /// Secret of this link's warm data connections (`park`); absent from relays that
+        /// take none. Valid while this control link lives.
+        #[serde(default)]
+        park_secret: Option<Secret>,
     },
     /// Either way: a typed refusal; the sender closes the connection after it.
     Error {
@@ -260,6 +264,22 @@ pub enum Message {
         conn_id: u64,
         /// The one-time secret from `open`.
         secret: Secret,
+    },
+    /// Agent → relay, first frame of a warm data connection: it waits, idle, until the relay
+    /// hands it a visitor with `assign`.
+    Park {
+        /// The agent's session.
+        session_id: String,
+        /// `park_secret` from the current link's `registered`.
+        secret: Secret,
+    },
+    /// Relay → agent on a parked data connection: it now carries this visitor; dial
+    /// `service`; raw bytes follow.
+    Assign {
+        /// Connection id, unique within the session.
+        conn_id: u64,
+        /// Which local service to dial.
+        service: Service,
     },
     /// Either way: heartbeat request.
     Ping {
@@ -297,6 +317,8 @@ impl Message {
             Message::Open { .. } => "open",
             Message::OpenFailed { .. } => "open_failed",
             Message::Attach { .. } => "attach",
+            Message::Park { .. } => "park",
+            Message::Assign { .. } => "assign",
             Message::Ping { .. } => "ping",
             Message::Pong { .. } => "pong",
             Message::Finish => "finish",

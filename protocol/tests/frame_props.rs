@@ -80,6 +80,7 @@ fn message() -> impl Strategy<Value = Message> {
                         resumed,
                         data_plane: porthole_protocol::DataPlane::Tls,
                         data_port: Some(port),
+                        park_secret: resumed.then(|| porthole_protocol::Secret::new("php_x")),
                     }
                 }
             ),
@@ -98,6 +99,9 @@ fn message() -> impl Strategy<Value = Message> {
                 secret,
             }
         }),
+        (text(), secret()).prop_map(|(session_id, secret)| Message::Park { session_id, secret }),
+        (any::<u64>(), service())
+            .prop_map(|(conn_id, service)| Message::Assign { conn_id, service }),
         any::<u64>().prop_map(|seq| Message::Ping { seq }),
         any::<u64>().prop_map(|seq| Message::Pong { seq }),
         Just(Message::Finish),

@@ -1,5 +1,6 @@
 //! The agent endpoint: TLS 1.3 accept, then the first frame decides what the connection is
-//! (`hello`: control connection; `attach`: data connection for one visitor).
+//! (`hello`: control connection; `attach`: data connection for one visitor; `park`: warm
+//! data connection waiting for a visitor).
 //!
 //! Accepting and admission (pending-handshake limits) are [`crate::preauth::accept_loop`]'s;
 //! the TLS handshake and first frame run in the connection's own task under one deadline,
@@ -92,6 +93,12 @@ async fn handle(
             })
             .await;
         }
+        FirstFrame::Park { session_id, secret } => {
+            crate::warm::run(&relay, framed, &session_id, &secret, |s| {
+                DataStream::Tls(Box::new(s))
+            })
+            .await;
+        }
         FirstFrame::Refused(code, msg) => {
             relay.metrics.handshake_failed(code.as_str());
             refuse(&mut framed, code, msg).await;
@@ -112,6 +119,13 @@ pub enum FirstFrame {
         /// Visitor connection named.
         conn_id: u64,
         /// Its one-time secret.
+        secret: Secret,
+    },
+    /// A `park`: a warm data connection waiting for a visitor.
+    Park {
+        /// Session named.
+        session_id: String,
+        /// The link's park secret.
         secret: Secret,
     },
     /// Refused with this code and message.
@@ -148,10 +162,11 @@ pub fn classify(first: Option<Result<Message, FrameError>>) -> FirstFrame {
             conn_id,
             secret,
         },
+        Some(Ok(Message::Park { session_id, secret })) => FirstFrame::Park { session_id, secret },
         Some(Ok(other)) => FirstFrame::Refused(
             ErrorCode::UnexpectedMessage,
             format!(
-                "first frame must be `hello` or `attach`, got `{}`",
+                "first frame must be `hello`, `attach` or `park`, got `{}`",
                 other.kind()
             ),
         ),

@@ -92,6 +92,7 @@ async fn serve(relay: &Relay, mut framed: AgentFramed, mut reg: Registration) {
         resumed: reg.resumed,
         data_plane: relay.config.data_plane,
         data_port: relay.data_port.get().copied(),
+        park_secret: Some(reg.park_secret.clone()),
     };
     let interval = relay.config.heartbeat_interval;
     let mut ticker = tokio::time::interval(interval);

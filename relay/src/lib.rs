@@ -27,6 +27,7 @@
 //! - [`preauth`]: pending-handshake limits per source address.
 //! - [`control`]: a registered agent's control link (heartbeats, finish, open/attach flow).
 //! - [`attach`]: pairing data connections with waiting visitors.
+//! - [`warm`]: warm data connections parked by the agent, handed to visitors at once.
 //! - [`data_endpoint`]: the plain-TCP data port of the `tcp` data plane.
 //! - [`api`]: the HTTP/JSON API.
 //!
@@ -58,6 +59,7 @@ pub mod shared;
 pub mod store;
 pub mod supervisor;
 pub mod user_token;
+pub mod warm;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

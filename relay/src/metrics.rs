@@ -54,6 +54,11 @@ pub struct Metrics {
     /// `porthole_splice_fallbacks_total`: `tcp` data connections forwarded by copying because
     /// no pipe could be had.
     pub splice_fallbacks: IntCounter,
+    /// `porthole_warm_connections`: agents' data connections parked, waiting for a visitor.
+    pub warm_parked: IntGauge,
+    /// `porthole_visitor_pairings_total{how="warm|cold"}`: visitors paired with a parked data
+    /// connection, or with one the agent dialed on request.
+    pub pairings: IntCounterVec,
 }
 
 fn gauge_vec(
@@ -105,6 +110,11 @@ impl Metrics {
             "tcp data connections copied because no pipe could be had",
         )?;
         r.register(Box::new(splice_fallbacks.clone()))?;
+        let warm_parked = IntGauge::new(
+            "porthole_warm_connections",
+            "Agents' warm data connections waiting for a visitor",
+        )?;
+        r.register(Box::new(warm_parked.clone()))?;
         r.register(Box::new(sessions_created.clone()))?;
         let minutes = vec![
             60.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 10800.0, 21600.0, 86400.0,
@@ -156,6 +166,13 @@ impl Metrics {
             )?,
             sessions_created,
             splice_fallbacks,
+            warm_parked,
+            pairings: counter_vec(
+                &r,
+                "porthole_visitor_pairings_total",
+                "Visitors paired with a warm (parked) or cold (dialed on request) data connection",
+                &["how"],
+            )?,
             sessions_revoked: counter_vec(
                 &r,
                 "porthole_sessions_revoked_total",
@@ -211,6 +228,9 @@ impl Metrics {
         }
         for kind in ["join", "resume"] {
             self.registrations.with_label_values(&[kind]);
+        }
+        for how in ["warm", "cold"] {
+            self.pairings.with_label_values(&[how]);
         }
         let codes = [
             ErrorCode::VersionMismatch,

@@ -1,4 +1,5 @@
-//! Public session ports: accept visitors, ask the agent for a data connection, forward.
+//! Public session ports: accept visitors, pair each with a warm data connection (or ask the
+//! agent for one), forward.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -9,6 +10,7 @@ use porthole_protocol::splice::{splice_forward_with, Path as SplicePath, SpliceO
 use porthole_protocol::{Message, Secret, Service};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
 use tracing::Instrument;
 
 use crate::audit::AuditEvent;
@@ -17,6 +19,11 @@ use crate::limits::ACCEPT_ERROR_BACKOFF;
 use crate::scanner::read_ssh_banner;
 use crate::session::{DataConn, DataStream, Session};
 use crate::shared::Relay;
+use crate::warm::Assignment;
+
+/// How long handing a visitor to a parked data connection may take before the visitor
+/// falls back to a freshly dialed one.
+const ASSIGN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Accepts visitors on one public port until the session is revoked; dropping the listener
 /// then closes the port.
@@ -122,6 +129,10 @@ async fn visitor(
         Ok(admitted) => admitted,
         Err(reason) => return visit.refuse(reason),
     };
+    if let Some((conn_id, data)) = warm_data_connection(&session, service).await {
+        relay.metrics.pairings.with_label_values(&["warm"]).inc();
+        return forward_visitor(&visit, &link.cancel, stream, data, conn_id, &early).await;
+    }
     let secret = Secret::generate("phc_");
     let (conn_id, rx) = session.register_open(&secret);
     if link
@@ -147,7 +158,29 @@ async fn visitor(
         },
         () = link.cancel.cancelled() => return,
     };
+    relay.metrics.pairings.with_label_values(&["cold"]).inc();
     forward_visitor(&visit, &link.cancel, stream, data, conn_id, &early).await;
+}
+
+/// A parked data connection of the agent's, assigned to this visitor, if one is ready.
+async fn warm_data_connection(session: &Session, service: Service) -> Option<(u64, DataConn)> {
+    while let Some(parked) = session.take_parked() {
+        let conn_id = session.next_id();
+        let (reply, rx) = oneshot::channel();
+        let assignment = Assignment {
+            conn_id,
+            service,
+            reply,
+        };
+        if parked.send(assignment).is_err() {
+            continue;
+        }
+        // The parked task only writes one small frame before answering.
+        if let Ok(Ok(data)) = tokio::time::timeout(ASSIGN_TIMEOUT, rx).await {
+            return Some((conn_id, data));
+        }
+    }
+    None
 }
 
 /// Forwards a paired visitor until either side ends or the link is cancelled.

@@ -66,6 +66,8 @@ pub struct Registration {
     pub rx: mpsc::Receiver<Message>,
     /// The fresh resume secret, sent once in `registered`.
     pub resume_secret: Secret,
+    /// The link's secret for warm data connections, sent once in `registered`.
+    pub park_secret: Secret,
     /// Whether this was a resume.
     pub resumed: bool,
 }
@@ -223,10 +225,12 @@ impl Relay {
                 session.id)));
         }
         let (tx, rx) = mpsc::channel(CONTROL_QUEUE);
+        let park_secret = Secret::generate("php_");
         let link = Link {
             id: session.next_id(),
             tx,
             cancel: session.cancel.child_token(),
+            park_hash: park_secret.hash(),
         };
         let resume_secret = Secret::generate("phr_");
         let before = (
@@ -274,6 +278,7 @@ impl Relay {
             link,
             rx,
             resume_secret,
+            park_secret,
             resumed: resume,
         })
     }

@@ -1,5 +1,5 @@
-//! One session: its fixed facts, its lifecycle, its agent link and its visitors waiting for
-//! a data connection.
+//! One session: its fixed facts, its lifecycle, its agent link, its visitors waiting for
+//! a data connection, and its warm data connections ([`WarmPool`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::access::Access;
 use crate::guards::{Guards, VisitorRefusal};
 use crate::lifecycle::Lifecycle;
+use crate::warm::{Assignment, ParkRefusal, WarmPool};
 
 /// The fixed facts of a new session.
 #[derive(Debug)]
@@ -83,6 +84,8 @@ pub struct Link {
     pub tx: mpsc::Sender<Message>,
     /// Cancelled when this link ends; visitors forwarded over it end too.
     pub cancel: CancellationToken,
+    /// Hash of this link's `park_secret` (warm data connections).
+    pub park_hash: SecretHash,
 }
 
 /// What changes under the session lock.
@@ -139,6 +142,8 @@ pub struct Session {
     inner: Mutex<SessionInner>,
     /// Visitors waiting for a data connection, by connection id.
     pending: Mutex<HashMap<u64, PendingOpen>>,
+    /// Warm data connections.
+    pub warm: WarmPool,
     /// Next connection id (and link id).
     next_id: AtomicU64,
     /// Whether a visitor was ever forwarded (for the time-to-first-visitor metric).
@@ -169,6 +174,7 @@ impl Session {
                 access: None,
             }),
             pending: Mutex::new(HashMap::new()),
+            warm: WarmPool::default(),
             next_id: AtomicU64::new(1),
             had_visitor: AtomicBool::new(false),
             deadline_moved: AtomicBool::new(false),
@@ -256,7 +262,31 @@ impl Session {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clear();
+        self.warm.drop_link(link_id);
         self.changed.notify_one();
+    }
+
+    /// Parks a warm data connection presenting `secret` (the current link's park secret):
+    /// returns its id, where its visitor will come from, and the link it belongs to (it ends
+    /// with the link).
+    pub fn park(
+        &self,
+        secret: &Secret,
+    ) -> Result<(u64, oneshot::Receiver<Assignment>, Link), ParkRefusal> {
+        let link = self
+            .lock()
+            .link
+            .clone()
+            .filter(|l| secret.matches(&l.park_hash) && !l.cancel.is_cancelled())
+            .ok_or(ParkRefusal::BadSecret)?;
+        let (id, rx) = self.warm.park(self.next_id(), link.id)?;
+        Ok((id, rx, link))
+    }
+
+    /// The oldest parked connection of the current link, if any.
+    pub fn take_parked(&self) -> Option<oneshot::Sender<Assignment>> {
+        let link_id = self.lock().link.as_ref().map(|l| l.id)?;
+        self.warm.take(link_id)
     }
 
     /// Registers a visitor waiting for a data connection; returns its connection id.

@@ -175,6 +175,7 @@ async fn scrape_after_scenario() -> Result<BTreeMap<String, Family>> {
         credentials: Vec::new(),
         host_keys: Vec::new(),
         embedded_ssh: None,
+        warm_connections: 2,
     };
     let (tx, mut events) = mpsc::unbounded_channel();
     let reporter = move |e: &AgentEvent| drop(tx.send(e.clone()));

@@ -12,6 +12,7 @@ use russh::server::{Handle, Msg};
 use russh::{Channel, ChannelMsg, ChannelReadHalf};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::process::ChildStdin;
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -21,41 +22,56 @@ use super::Shared;
 
 /// Output read per turn.
 const PUMP_BUFFER: usize = 32 * 1024;
+/// Channel data messages (at most 32 KiB each) queued for a process that does not read its
+/// input: 2048 = 64 MiB. Past that the channel waits for the process.
+const INPUT_QUEUE: usize = 2048;
+/// After the process exits, its output is still forwarded for at most this long.
+const DRAIN_LIMIT: Duration = Duration::from_secs(2);
 /// After a terminal's shell exits, its output is read until the terminal is idle this
-/// long: background jobs may keep the terminal open, and a session must still end.
+/// long (or [`DRAIN_LIMIT`]): background jobs may keep the terminal open, and a session
+/// must still end.
 const TERMINAL_DRAIN_IDLE: Duration = Duration::from_millis(250);
 /// `shell -c` exit status when the shell cannot be started (as POSIX shells report it).
 const CANNOT_START: u32 = 127;
 
-/// Where channel data goes.
+/// What the input task does next, in order.
 enum Input {
-    Terminal(OwnedWritePty),
-    Pipe(Option<ChildStdin>),
+    Data(bytes::Bytes),
+    Resize(u16, u16),
 }
 
-impl Input {
-    async fn write(&mut self, data: &[u8]) -> std::io::Result<()> {
-        match self {
-            Self::Terminal(w) => w.write_all(data).await,
-            Self::Pipe(Some(w)) => w.write_all(data).await,
-            Self::Pipe(None) => Ok(()),
-        }
-    }
+/// Where the input task writes.
+enum Sink {
+    Terminal(OwnedWritePty),
+    Pipe(ChildStdin),
+}
 
-    /// End of input: closes the pipe (a terminal has no end of input).
-    fn close(&mut self) {
-        if let Self::Pipe(pipe) = self {
-            *pipe = None;
-        }
-    }
-
-    fn resize(&self, rows: u16, cols: u16) {
-        if let Self::Terminal(w) = self {
-            if let Err(e) = w.resize(pty_process::Size::new(rows, cols)) {
-                tracing::debug!(error = %e, "cannot resize the terminal");
+/// Writes channel data to the process on its own task, so the channel keeps being read
+/// (russh's only flow control is the channel's message queue: a session loop blocked on a
+/// full queue would stop reading the client's window adjustments, and output waiting for
+/// window would never move again). Bounded by [`INPUT_QUEUE`] messages.
+async fn write_input(mut sink: Sink, mut queue: mpsc::Receiver<Input>) {
+    while let Some(item) = queue.recv().await {
+        match (&mut sink, item) {
+            (Sink::Terminal(w), Input::Data(data)) => {
+                if w.write_all(&data).await.is_err() {
+                    break;
+                }
             }
+            (Sink::Pipe(w), Input::Data(data)) => {
+                if w.write_all(&data).await.is_err() {
+                    break;
+                }
+            }
+            (Sink::Terminal(w), Input::Resize(rows, cols)) => {
+                if let Err(e) = w.resize(pty_process::Size::new(rows, cols)) {
+                    tracing::debug!(error = %e, "cannot resize the terminal");
+                }
+            }
+            (Sink::Pipe(_), Input::Resize(..)) => {}
         }
     }
+    // Dropping a pipe's writer is the process's end of input.
 }
 
 /// Runs `request` on `channel` until it exits (then reports its status and closes the
@@ -83,44 +99,64 @@ pub async fn run(channel: Channel<Msg>, handle: Handle, request: Request, shared
         }
     };
     let exited = CancellationToken::new();
-    let (mut input, pumps): (Input, Vec<JoinHandle<()>>) = match io {
+    let (input_tx, input_rx) = mpsc::channel(INPUT_QUEUE);
+    let cancel = shared.cancel.clone();
+    let (sink, mut pumps): (Sink, Vec<JoinHandle<()>>) = match io {
         Io::Pty { output, input } => (
-            Input::Terminal(input),
-            vec![shared
-                .tasks
-                .spawn(pump(output, tx.make_writer(), Some(exited.clone())))],
+            Sink::Terminal(input),
+            vec![shared.tasks.spawn(pump(
+                output,
+                tx.make_writer(),
+                Some(exited.clone()),
+                cancel.clone(),
+            ))],
         ),
         Io::Pipes {
             stdin,
             stdout,
             stderr,
         } => (
-            Input::Pipe(Some(stdin)),
+            Sink::Pipe(stdin),
             vec![
-                shared.tasks.spawn(pump(stdout, tx.make_writer(), None)),
                 shared
                     .tasks
-                    .spawn(pump(stderr, tx.make_writer_ext(Some(1)), None)),
+                    .spawn(pump(stdout, tx.make_writer(), None, cancel.clone())),
+                shared.tasks.spawn(pump(
+                    stderr,
+                    tx.make_writer_ext(Some(1)),
+                    None,
+                    cancel.clone(),
+                )),
             ],
         ),
     };
+    let writer = shared.tasks.spawn(write_input(sink, input_rx));
+    let mut input = Some(input_tx);
     let mut size = request.terminal.as_ref().map(|t| (t.rows, t.cols));
+    let terminal = request.terminal.is_some();
+    let abort_all = |pumps: &[JoinHandle<()>]| {
+        writer.abort();
+        pumps.iter().for_each(JoinHandle::abort);
+    };
     let status: Option<ExitStatus> = loop {
         tokio::select! {
             status = child.wait() => break status.ok(),
             msg = rx.wait() => match msg {
                 Some(ChannelMsg::Data { data }) => {
-                    tokio::select! {
-                        r = input.write(&data) => if r.is_err() { input.close() },
-                        () = shared.cancel.cancelled() => {}
+                    if let Some(queue) = &input {
+                        tokio::select! {
+                            r = queue.send(Input::Data(data)) => if r.is_err() { input = None },
+                            () = shared.cancel.cancelled() => {}
+                        }
                     }
                 }
-                Some(ChannelMsg::Eof) => input.close(),
+                // A terminal has no end of input; a pipe closes once its queue is written.
+                Some(ChannelMsg::Eof) if !terminal => input = None,
                 Some(ChannelMsg::WindowChange { col_width, row_height, .. }) => {
-                    if let Some((rows, cols)) = size.as_mut() {
+                    if let (Some((rows, cols)), Some(queue)) = (size.as_mut(), &input) {
                         *rows = dimension(row_height, *rows);
                         *cols = dimension(col_width, *cols);
-                        input.resize(*rows, *cols);
+                        let _ = queue.try_send(Input::Resize(*rows, *cols));
                     }
                 }
                 Some(ChannelMsg::Signal { signal }) => {
@@ -130,24 +166,33 @@ pub async fn run(channel: Channel<Msg>, handle: Handle, request: Request, shared
                 }
                 Some(ChannelMsg::Close) | None => {
                     // The client is gone: nothing more to tell it.
-                    process::hang_up(&mut child, group).await;
+                    abort_all(&pumps);
+                    process::hang_up(&mut child, group, terminal).await;
                     return;
                 }
                 Some(_) => {}
             },
             () = shared.cancel.cancelled() => {
-                process::hang_up(&mut child, group).await;
+                abort_all(&pumps);
+                process::hang_up(&mut child, group, terminal).await;
                 return;
             }
         }
     };
     exited.cancel();
     drop(input);
+    let drained = async {
+        for pump in pumps.iter_mut() {
+            let _ = pump.await;
+        }
+    };
     tokio::select! {
-        _ = futures_util::future::join_all(pumps) => {}
+        () = drained => {}
         () = until_closed(&mut rx) => {}
         () = shared.cancel.cancelled() => {}
+        () = tokio::time::sleep(DRAIN_LIMIT) => {}
     }
+    abort_all(&pumps);
     match status {
         Some(s) => match (s.code(), s.signal()) {
             (Some(code), _) => {
@@ -184,7 +229,18 @@ async fn until_closed(rx: &mut ChannelReadHalf) {
 /// Copies process output to the channel until end of file (a terminal reports EIO when the
 /// last process holding it exits). With `exited`, stops once the terminal stays idle for
 /// [`TERMINAL_DRAIN_IDLE`] after the shell exited.
-async fn pump<R, W>(mut from: R, mut to: W, exited: Option<CancellationToken>)
+async fn pump<R, W>(from: R, to: W, exited: Option<CancellationToken>, cancel: CancellationToken)
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    tokio::select! {
+        () = copy_output(from, to, exited) => {}
+        () = cancel.cancelled() => {}
+    }
+}
+
+async fn copy_output<R, W>(mut from: R, mut to: W, exited: Option<CancellationToken>)
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,

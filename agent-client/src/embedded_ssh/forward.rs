@@ -4,11 +4,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use russh::server::{ChannelOpenHandle, Msg};
-use russh::{Channel, ChannelOpenFailure};
+use russh::{Channel, ChannelMsg, ChannelOpenFailure};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+use tokio::sync::mpsc;
 
 use super::Shared;
 
+/// Channel data messages (at most 32 KiB each) queued for a slow target: 8 MiB.
+const QUEUE: usize = 256;
 /// Deadline for reaching the forwarding target.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -26,7 +30,7 @@ pub async fn serve(
         return;
     };
     let connect = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((host.as_str(), port)));
-    let mut target = match connect.await {
+    let target = match connect.await {
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => {
             tracing::info!(%host, port, error = %e, "ssh -L: cannot reach the target");
@@ -41,13 +45,41 @@ pub async fn serve(
     };
     let _ = target.set_nodelay(true);
     reply.accept().await;
-    let mut stream = channel.into_stream();
-    tokio::select! {
-        r = tokio::io::copy_bidirectional(&mut stream, &mut target) => {
-            if let Err(e) = r {
-                tracing::debug!(%host, port, error = %e, "ssh -L: forwarding ended");
+    let (mut rx, tx) = channel.split();
+    let (mut from_target, mut to_target) = target.into_split();
+    // Channel data is queued for the target on its own task, so the channel keeps being read
+    // (see exec::write_input for why that matters with russh).
+    let (queue_tx, mut queue_rx) = mpsc::channel::<bytes::Bytes>(QUEUE);
+    let inbound = async move {
+        while let Some(msg) = rx.wait().await {
+            let stop = match msg {
+                ChannelMsg::Data { data } => queue_tx.send(data).await.is_err(),
+                ChannelMsg::Eof | ChannelMsg::Close => true,
+                _ => false,
+            };
+            if stop {
+                break;
             }
         }
+    };
+    let write_target = async move {
+        while let Some(data) = queue_rx.recv().await {
+            if to_target.write_all(&data).await.is_err() {
+                break;
+            }
+        }
+        let _ = to_target.shutdown().await;
+    };
+    let outbound = async {
+        let mut writer = tx.make_writer();
+        if let Err(e) = tokio::io::copy(&mut from_target, &mut writer).await {
+            tracing::debug!(%host, port, error = %e, "ssh -L: forwarding ended");
+        }
+        let _ = tx.eof().await;
+    };
+    tokio::select! {
+        _ = async { tokio::join!(inbound, write_target, outbound) } => {}
         () = shared.cancel.cancelled() => {}
     }
+    let _ = tx.close().await;
 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use russh::keys::ssh_key;
 use russh::server::{Auth, ChannelOpenHandle, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
-use russh::{Channel, ChannelId, ChannelOpenFailure};
+use russh::{Channel, ChannelId, ChannelOpenFailure, MethodSet};
 use tokio::sync::Semaphore;
 
 use super::process::Request;
@@ -21,22 +21,29 @@ pub const MAX_FORWARDS: usize = 256;
 #[derive(Debug)]
 pub struct Connection {
     shared: Arc<Shared>,
+    methods: MethodSet,
     sessions: Arc<Semaphore>,
     forwards: Arc<Semaphore>,
 }
 
 impl Connection {
     /// A handler for a new connection.
-    pub fn new(shared: Arc<Shared>) -> Self {
+    pub fn new(shared: Arc<Shared>, methods: MethodSet) -> Self {
         Self {
             shared,
+            methods,
             sessions: Arc::new(Semaphore::new(MAX_SESSIONS)),
             forwards: Arc::new(Semaphore::new(MAX_FORWARDS)),
         }
     }
 
-    fn reject() -> Auth {
-        Auth::reject()
+    /// A refusal that keeps every method on offer, so a mistyped password can be retried
+    /// (russh's plain `Auth::reject()` withdraws the method that failed).
+    fn reject(&self) -> Auth {
+        Auth::Reject {
+            proceed_with_methods: Some(self.methods.clone()),
+            partial_success: false,
+        }
     }
 }
 
@@ -49,7 +56,7 @@ impl russh::server::Handler for Connection {
             return Ok(Auth::Accept);
         }
         tracing::info!(user, "embedded ssh: wrong user or password");
-        Ok(Self::reject())
+        Ok(self.reject())
     }
 
     async fn auth_publickey_offered(
@@ -60,7 +67,7 @@ impl russh::server::Handler for Connection {
         if self.shared.settings.key_matches(user, offer.public_key) {
             return Ok(Auth::Accept);
         }
-        Ok(Self::reject())
+        Ok(self.reject())
     }
 
     async fn auth_publickey(
@@ -73,7 +80,7 @@ impl russh::server::Handler for Connection {
             tracing::info!(user, %fingerprint, "embedded ssh: key login");
             return Ok(Auth::Accept);
         }
-        Ok(Self::reject())
+        Ok(self.reject())
     }
 
     async fn auth_succeeded(&mut self, _session: &mut Session) -> Result<(), Self::Error> {
@@ -150,6 +157,19 @@ impl russh::server::Handler for Connection {
         } else {
             session.channel_failure(channel)
         }
+    }
+
+    async fn x11_request(
+        &mut self,
+        channel: ChannelId,
+        _single_connection: bool,
+        _x11_auth_protocol: &str,
+        _x11_auth_cookie: &str,
+        _x11_screen_number: u32,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        // Not offered; answered, so the client's later requests get their own answers.
+        session.channel_failure(channel)
     }
 
     async fn shell_request(

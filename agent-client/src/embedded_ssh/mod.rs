@@ -11,9 +11,11 @@
 //! - [`exec`]: a running shell or command on its channel (data, resize, signals, status).
 //! - [`sftp`]: the SFTP subsystem (`sftp`, OpenSSH's `scp`).
 //! - [`forward`]: `ssh -L` to services on the build machine.
+//! - [`cut`]: a stream that fails once the connection must end.
 //!
 //! Everything runs as the agent's user; nothing changes privileges.
 
+pub mod cut;
 pub mod exec;
 pub mod forward;
 pub mod handler;
@@ -40,6 +42,8 @@ const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const KEEPALIVE_MAX: usize = 4;
 /// Time from connecting to a finished login.
 const LOGIN_GRACE: Duration = Duration::from_secs(120);
+/// How long a closing connection's disconnect message may take.
+const DISCONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Failed authentication attempts per connection (OpenSSH's `MaxAuthTries`).
 const MAX_AUTH_TRIES: usize = 6;
 
@@ -119,7 +123,11 @@ impl EmbeddedSsh {
             cancel: cancel.child_token(),
             logged_in: CancellationToken::new(),
         });
-        let handler = handler::Connection::new(shared.clone());
+        let handler = handler::Connection::new(shared.clone(), self.config.methods.clone());
+        // Whatever happens below, the connection ends with this function.
+        let cut = CancellationToken::new();
+        let _cut_at_end = cut.clone().drop_guard();
+        let stream = cut::Cut::new(stream, cut.clone());
         let login_deadline = async {
             tokio::time::sleep(LOGIN_GRACE).await;
             if shared.logged_in.is_cancelled() {
@@ -156,9 +164,10 @@ impl EmbeddedSsh {
         };
         if let Some(why) = why {
             tracing::info!("embedded ssh: closing a connection: {why}");
-            let _ = handle
-                .disconnect(russh::Disconnect::ByApplication, why.into(), "en".into())
-                .await;
+            let bye = handle.disconnect(russh::Disconnect::ByApplication, why.into(), "en".into());
+            let _ = tokio::time::timeout(DISCONNECT_TIMEOUT, bye).await;
+            // Let the session task send it before its stream is cut.
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
         shared.cancel.cancel();
     }

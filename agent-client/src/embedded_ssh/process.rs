@@ -192,21 +192,50 @@ pub fn signal_group(group: Pid, signal: Signal) {
 }
 
 /// Ends a session's processes the way a closed terminal does: SIGHUP to the group (shells
-/// pass it on to their jobs), then SIGKILL after a grace period.
-pub async fn hang_up(child: &mut Child, group: Pid) -> Option<ExitStatus> {
+/// pass it on to their jobs), then SIGKILL after a grace period — to the group and, for a
+/// terminal session (whose shell leads its own session, each job in its own group), to
+/// every process of that session.
+pub async fn hang_up(child: &mut Child, group: Pid, terminal: bool) -> Option<ExitStatus> {
     signal_group(group, Signal::SIGHUP);
     signal_group(group, Signal::SIGCONT);
-    match tokio::time::timeout(HANGUP_GRACE, child.wait()).await {
-        Ok(Ok(status)) => {
-            // Jobs that ignored SIGHUP do not outlive the session either.
-            signal_group(group, Signal::SIGKILL);
-            Some(status)
-        }
-        _ => {
-            signal_group(group, Signal::SIGKILL);
-            child.wait().await.ok()
+    let status = match tokio::time::timeout(HANGUP_GRACE, child.wait()).await {
+        Ok(Ok(status)) => Some(status),
+        _ => None,
+    };
+    signal_group(group, Signal::SIGKILL);
+    if terminal {
+        for pid in session_members(group) {
+            let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
         }
     }
+    match status {
+        Some(status) => Some(status),
+        None => child.wait().await.ok(),
+    }
+}
+
+/// Processes whose session id is `session` (from `/proc/PID/stat`).
+fn session_members(session: Pid) -> Vec<Pid> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|stat| stat_session(&stat))
+                == Some(session.as_raw())
+        })
+        .map(Pid::from_raw)
+        .collect()
+}
+
+/// The session id field of a `/proc/PID/stat` line (the 6th field; the command name in
+/// parentheses may hold spaces, so fields are counted after the last `)`).
+fn stat_session(stat: &str) -> Option<i32> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(3)?.parse().ok()
 }
 
 /// The signal an SSH `signal` request names.
@@ -275,6 +304,18 @@ mod tests {
             r.add_env(&format!("V{i}"), "1");
         }
         assert_eq!(r.env.len(), MAX_CLIENT_ENV);
+    }
+
+    #[test]
+    fn session_ids_come_from_proc_stat() {
+        let stat = "1234 (my (odd) cmd) S 1 1230 1229 34816 1230 4194560 0 0";
+        assert_eq!(stat_session(stat), Some(1229));
+        assert_eq!(stat_session("garbage"), None);
+        let own = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+        assert_eq!(
+            stat_session(&own),
+            Some(nix::unistd::getsid(None).map(Pid::as_raw).unwrap_or(-1))
+        );
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::fs::{File as FsFile, OpenOptions};
 use std::io::ErrorKind;
 use std::os::unix::fs::{FileExt, PermissionsExt};
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -26,10 +26,11 @@ use super::Shared;
 pub const SUBSYSTEM: &str = "sftp";
 /// Open files and directories per SFTP session.
 const MAX_HANDLES: usize = 256;
-/// Most bytes one read returns (OpenSSH asks for 32-256 KiB).
-const MAX_READ: u32 = 256 * 1024;
+/// Most bytes one read returns: OpenSSH's `sftp-server` limit, so the answer fits in the
+/// 256 KiB messages OpenSSH clients accept.
+const MAX_READ: u32 = 256 * 1024 - 1024;
 /// Bytes buffered between the channel and the protocol task.
-const PIPE_BUFFER: usize = 256 * 1024;
+const PIPE_BUFFER: usize = 8 * 1024 * 1024;
 /// Directory entries per `readdir` answer.
 const READDIR_BATCH: usize = 128;
 
@@ -46,6 +47,8 @@ pub async fn serve(channel: Channel<Msg>, shared: &Shared) {
         next_handle: 0,
     };
     let (ours, theirs) = tokio::io::duplex(PIPE_BUFFER);
+    // Like exec's input queue: the channel must keep being read (see exec::write_input), so
+    // the pipe holds more than the requests an OpenSSH client keeps in flight.
     // Runs on its own task and ends at end of input.
     russh_sftp::server::run(theirs, handler).await;
     let (mut rx, tx) = channel.split();
@@ -121,24 +124,14 @@ async fn blocking<T: Send + 'static>(
     }
 }
 
-/// `path` made absolute against `root` and cleaned of `.` and `..` (without following links).
+/// `path` made absolute against `root`. `..` is left to the kernel, which resolves it after
+/// following links (there is no sandbox to keep: the user has a shell).
 fn resolve(root: &Path, path: &str) -> PathBuf {
-    let joined = if path.is_empty() {
+    if path.is_empty() {
         root.to_path_buf()
     } else {
         root.join(path)
-    };
-    let mut out = PathBuf::from("/");
-    for part in joined.components() {
-        match part {
-            Component::ParentDir => {
-                out.pop();
-            }
-            Component::Normal(p) => out.push(p),
-            Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
-        }
     }
-    out
 }
 
 fn apply_attrs(path: &Path, attrs: &FileAttributes) -> std::io::Result<()> {
@@ -398,8 +391,17 @@ impl russh_sftp::server::Handler for Sftp {
 
     async fn realpath(&mut self, id: u32, path: String) -> Result<Name, Self::Error> {
         let path = self.path(&path);
-        // Canonical when it exists; cleaned otherwise (a file about to be uploaded).
-        let real = blocking(move || Ok(std::fs::canonicalize(&path).unwrap_or(path))).await?;
+        // Canonical when it exists; else its canonical directory and name (a file about to
+        // be uploaded).
+        let real = blocking(move || {
+            Ok(std::fs::canonicalize(&path).unwrap_or_else(|_| {
+                match (path.parent().map(std::fs::canonicalize), path.file_name()) {
+                    (Some(Ok(dir)), Some(name)) => dir.join(name),
+                    _ => path,
+                }
+            }))
+        })
+        .await?;
         Ok(Name {
             id,
             files: vec![File::dummy(real.to_string_lossy())],
@@ -460,13 +462,12 @@ mod tests {
     fn paths_resolve_against_the_working_directory() {
         let root = Path::new("/work/build");
         assert_eq!(resolve(root, ""), PathBuf::from("/work/build"));
-        assert_eq!(resolve(root, "."), PathBuf::from("/work/build"));
+        assert_eq!(resolve(root, "."), PathBuf::from("/work/build/."));
         assert_eq!(
             resolve(root, "out/a.txt"),
             PathBuf::from("/work/build/out/a.txt")
         );
-        assert_eq!(resolve(root, "../x"), PathBuf::from("/work/x"));
+        assert_eq!(resolve(root, "../x"), PathBuf::from("/work/build/../x"));
         assert_eq!(resolve(root, "/etc/hosts"), PathBuf::from("/etc/hosts"));
-        assert_eq!(resolve(root, "/../../a"), PathBuf::from("/a"));
     }
 }

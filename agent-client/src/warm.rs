@@ -1,0 +1,162 @@
+//! Warm data connections: while a control link lives, the agent keeps a few data
+//! connections parked on the relay (`park`), authenticated and idle, so a visitor is paired
+//! at once (`assign`) instead of waiting for a new connection and its TLS handshake. Each
+//! one assigned is replaced in the background; failures back off.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use porthole_protocol::codec::MessageCodec;
+use porthole_protocol::{Message, Secret};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
+use tokio_util::codec::Framed;
+use tokio_util::sync::CancellationToken;
+
+use crate::visitor::{self, DataConn, DataRoute};
+use crate::Context;
+
+/// Most warm connections `--warm-connections` may ask for (the relay holds at most 16 per
+/// session).
+pub const MAX_WARM: usize = 16;
+/// A parked connection is replaced after this long idle, so no middlebox silently drops it
+/// while it looks usable.
+const MAX_IDLE: Duration = Duration::from_secs(60);
+/// A parked connection that ends sooner than this (refused, unreachable) counts as a failure
+/// and the next one waits.
+const HEALTHY_AFTER: Duration = Duration::from_secs(5);
+/// Longest wait between failed attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// How a parked connection ended.
+#[derive(Debug)]
+enum Ended {
+    /// A visitor took it.
+    Assigned,
+    /// It closed, was refused, or idled out after `lived`.
+    Closed { lived: Duration },
+}
+
+/// What one link's warm connections need.
+#[derive(Clone, Debug)]
+pub struct Pool {
+    /// The session.
+    pub session_id: String,
+    /// The link's park secret.
+    pub secret: Secret,
+    /// How data connections reach the relay.
+    pub route: DataRoute,
+    /// How many to keep.
+    pub size: usize,
+}
+
+/// Keeps `pool.size` connections parked until `link` is cancelled (the control link ended).
+pub async fn keep(ctx: Arc<Context>, pool: Pool, link: CancellationToken) {
+    let (done_tx, mut done_rx) = mpsc::channel(pool.size.max(1) * 2);
+    let mut live = 0usize;
+    let mut failures = 0u32;
+    loop {
+        while live < pool.size {
+            live += 1;
+            let task = parked(ctx.clone(), pool.clone(), link.clone(), done_tx.clone());
+            ctx.tasks.spawn(task);
+        }
+        let ended = tokio::select! {
+            () = link.cancelled() => return,
+            ended = done_rx.recv() => ended,
+        };
+        let Some(ended) = ended else { return };
+        live = live.saturating_sub(1);
+        match ended {
+            Ended::Closed { lived } if lived < HEALTHY_AFTER => {
+                failures = failures.saturating_add(1);
+                let delay = Duration::from_millis(250u64 << failures.min(7)).min(MAX_BACKOFF);
+                tracing::debug!(?delay, "warm data connection failed; retrying later");
+                tokio::select! {
+                    () = link.cancelled() => return,
+                    () = tokio::time::sleep(delay) => {}
+                }
+            }
+            _ => failures = 0,
+        }
+    }
+}
+
+/// One parked connection: dial, `park`, wait for `assign`, then serve that visitor.
+async fn parked(ctx: Arc<Context>, pool: Pool, link: CancellationToken, done: mpsc::Sender<Ended>) {
+    let started = Instant::now();
+    let park = Message::Park {
+        session_id: pool.session_id.clone(),
+        secret: pool.secret.clone(),
+    };
+    let dialed = tokio::select! {
+        d = visitor::dial_data(&ctx, pool.route, &park) => d,
+        () = link.cancelled() => return,
+    };
+    let assigned = match dialed {
+        Ok(DataConn::Tls(s)) => wait_assign(*s, &link)
+            .await
+            .map(|(id, service, s, rest)| (id, service, DataConn::Tls(Box::new(s)), rest)),
+        Ok(DataConn::Tcp(s)) => wait_assign(s, &link)
+            .await
+            .map(|(id, service, s, rest)| (id, service, DataConn::Tcp(s), rest)),
+        Err(reason) => {
+            tracing::debug!("warm data connection: {reason}");
+            None
+        }
+    };
+    let Some((conn_id, service, data, prefix)) = assigned else {
+        let _ = done
+            .send(Ended::Closed {
+                lived: started.elapsed(),
+            })
+            .await;
+        return;
+    };
+    let _ = done.send(Ended::Assigned).await;
+    match visitor::local_side(&ctx, service).await {
+        Ok(local) => visitor::forward(&ctx, conn_id, local, data, &prefix).await,
+        // Closing the data connection closes the visitor.
+        Err(reason) => tracing::warn!(conn_id, %service, "{reason}"),
+    }
+}
+
+/// Waits on a parked connection for `assign`; `None` when it closes, the relay refuses it,
+/// it idles out, or the link ends.
+async fn wait_assign<S>(
+    stream: S,
+    link: &CancellationToken,
+) -> Option<(u64, porthole_protocol::Service, S, bytes::BytesMut)>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut framed = Framed::new(stream, MessageCodec);
+    let frame = tokio::select! {
+        frame = framed.next() => frame,
+        () = link.cancelled() => return None,
+        () = tokio::time::sleep(MAX_IDLE) => return None,
+    };
+    match frame {
+        Some(Ok(Message::Assign { conn_id, service })) => {
+            let parts = framed.into_parts();
+            Some((conn_id, service, parts.io, parts.read_buf))
+        }
+        Some(Ok(Message::Error { code, message })) => {
+            tracing::warn!(?code, "the relay refused a warm data connection: {message}");
+            None
+        }
+        Some(Ok(other)) => {
+            tracing::warn!(
+                kind = other.kind(),
+                "unexpected frame on a warm data connection"
+            );
+            None
+        }
+        Some(Err(e)) => {
+            tracing::warn!(error = %e, "bad frame on a warm data connection");
+            None
+        }
+        None => None,
+    }
+}

@@ -1,0 +1,179 @@
+//! Warm data connections: the agent keeps `--warm-connections` (default 2) authenticated
+//! data connections parked on the relay; visitors are paired with them at once, the pool
+//! refills, follows the control link across a cut and a resume, works on both data planes,
+//! and `--warm-connections 0` turns it off.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use anyhow::ensure;
+use common::agent::Agent;
+use common::echo;
+use common::proxy::Proxy;
+use common::relay::TestRelay;
+use common::wait_for;
+
+/// Parked connections the relay holds now.
+fn parked(relay: &TestRelay) -> i64 {
+    relay.handle.relay.metrics.warm_parked.get()
+}
+
+/// Visitors paired so far, `how` = warm | cold.
+fn paired(relay: &TestRelay, how: &str) -> u64 {
+    relay
+        .handle
+        .relay
+        .metrics
+        .pairings
+        .with_label_values(&[how])
+        .get()
+}
+
+fn wait_parked(relay: &TestRelay, n: i64) -> anyhow::Result<()> {
+    wait_for(
+        &format!("{n} warm data connections parked"),
+        Duration::from_secs(20),
+        || (parked(relay) == n).then_some(()),
+    )
+    .map_err(|e| anyhow::anyhow!("{e:#} (parked now: {})", parked(relay)))
+}
+
+#[test]
+fn visitors_are_paired_with_warm_connections_and_the_pool_refills() -> anyhow::Result<()> {
+    let echo_port = echo::start()?;
+    // The burst below comes from one address: lift the per-source rate limit.
+    let relay = TestRelay::start_with(|c| c.visitor_rate_burst = 100)?;
+    let session = relay.create(&["ssh"], None)?;
+    let port = session.port("ssh");
+    let agent = Agent::start(
+        &relay,
+        &session.token,
+        &[format!("ssh=127.0.0.1:{echo_port}")],
+    )?;
+    agent.wait_registered()?;
+    wait_parked(&relay, 2)?;
+
+    // One visitor: paired with a parked connection, bytes both ways.
+    assert_eq!(echo::roundtrip(port, b"warm hello")?, b"warm hello");
+    assert_eq!(
+        paired(&relay, "warm"),
+        1,
+        "the first visitor is paired warm"
+    );
+    assert_eq!(paired(&relay, "cold"), 0);
+    wait_parked(&relay, 2)?;
+
+    // A burst larger than the pool: every visitor is served, warm or cold.
+    let visitors: Vec<_> = (0..12)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let msg = format!("visitor {i}");
+                echo::roundtrip(port, msg.as_bytes()).map(|got| got == msg.as_bytes())
+            })
+        })
+        .collect();
+    for v in visitors {
+        let ok = v
+            .join()
+            .map_err(|_| anyhow::anyhow!("visitor thread panicked"))??;
+        ensure!(ok, "a visitor got other bytes back");
+    }
+    let (warm, cold) = (paired(&relay, "warm"), paired(&relay, "cold"));
+    assert_eq!(
+        warm + cold,
+        13,
+        "every visitor paired once: {warm} warm, {cold} cold"
+    );
+    ensure!(
+        warm >= 3,
+        "the pool served part of the burst: {warm} warm, {cold} cold"
+    );
+    // And it refills to its size, no more.
+    wait_parked(&relay, 2)?;
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(parked(&relay), 2, "the pool stays at its size");
+    Ok(())
+}
+
+#[test]
+fn warm_connections_follow_the_control_link_across_a_cut() -> anyhow::Result<()> {
+    let echo_port = echo::start()?;
+    let relay = TestRelay::start()?;
+    let proxy = Proxy::start(&relay.rt, relay.agent_addr())?;
+    let session = relay.create(&["ssh"], None)?;
+    let port = session.port("ssh");
+    let agent = Agent::start_to(
+        &proxy.addr,
+        &relay.pin(),
+        &session.token,
+        &[format!("ssh=127.0.0.1:{echo_port}")],
+    )?;
+    agent.wait_registered()?;
+    wait_parked(&relay, 2)?;
+
+    proxy.cut();
+    agent.wait_line("resumed session", Duration::from_secs(20))?;
+    relay.wait_state(&session.id, "active", Duration::from_secs(10))?;
+    // The old link's connections are gone; the new link parks its own.
+    wait_parked(&relay, 2)?;
+    let warm_before = paired(&relay, "warm");
+    let got = wait_for(
+        "the resumed session to forward",
+        Duration::from_secs(10),
+        || echo::roundtrip(port, b"after the cut").ok(),
+    )?;
+    assert_eq!(got, b"after the cut");
+    ensure!(
+        paired(&relay, "warm") > warm_before,
+        "the resumed link's warm connections serve visitors"
+    );
+    Ok(())
+}
+
+#[test]
+fn warm_connections_work_on_the_tcp_data_plane() -> anyhow::Result<()> {
+    let echo_port = echo::start()?;
+    let relay = TestRelay::start_with(|c| {
+        c.data_plane = porthole_protocol::DataPlane::Tcp;
+        c.data_listen = "127.0.0.1:0".parse().unwrap_or(c.data_listen);
+    })?;
+    let session = relay.create(&["ssh"], None)?;
+    let port = session.port("ssh");
+    let agent = Agent::start(
+        &relay,
+        &session.token,
+        &[format!("ssh=127.0.0.1:{echo_port}")],
+    )?;
+    agent.wait_registered()?;
+    wait_parked(&relay, 2)?;
+    let big = vec![7u8; 1 << 20];
+    assert_eq!(echo::roundtrip(port, &big)?, big);
+    assert_eq!(paired(&relay, "warm"), 1);
+    Ok(())
+}
+
+#[test]
+fn zero_warm_connections_turns_them_off() -> anyhow::Result<()> {
+    let echo_port = echo::start()?;
+    let relay = TestRelay::start()?;
+    let session = relay.create(&["ssh"], None)?;
+    let port = session.port("ssh");
+    let agent = Agent::start_with_args(
+        &relay,
+        &session.token,
+        &[format!("ssh=127.0.0.1:{echo_port}")],
+        &["--warm-connections".into(), "0".into()],
+    )?;
+    agent.wait_registered()?;
+    for i in 0..3 {
+        let msg = format!("cold {i}");
+        assert_eq!(echo::roundtrip(port, msg.as_bytes())?, msg.as_bytes());
+    }
+    assert_eq!(paired(&relay, "cold"), 3);
+    assert_eq!(paired(&relay, "warm"), 0);
+    assert_eq!(parked(&relay), 0);
+    Ok(())
+}
