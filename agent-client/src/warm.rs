@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
+use futures_util::{SinkExt, StreamExt};
 use porthole_protocol::codec::MessageCodec;
 use porthole_protocol::{Message, Secret};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -18,11 +18,14 @@ use crate::visitor::{self, DataConn, DataRoute};
 use crate::Context;
 
 /// Most warm connections `--warm-connections` may ask for (the relay holds at most 16 per
-/// session).
-pub const MAX_WARM: usize = 16;
-/// A parked connection is replaced after this long idle, so no middlebox silently drops it
+/// session, with room for a link that just ended).
+pub const MAX_WARM: usize = 8;
+/// A parked connection is retired after this long idle, so no middlebox silently drops it
 /// while it looks usable.
 const MAX_IDLE: Duration = Duration::from_secs(60);
+/// After asking the relay to retire a parked connection, how long an `assign` that crossed
+/// the request is still served.
+const RETIRE_GRACE: Duration = Duration::from_secs(5);
 /// A parked connection that ends sooner than this (refused, unreachable) counts as a failure
 /// and the next one waits.
 const HEALTHY_AFTER: Duration = Duration::from_secs(5);
@@ -83,9 +86,36 @@ pub async fn keep(ctx: Arc<Context>, pool: Pool, link: CancellationToken) {
     }
 }
 
+/// Tells the pool how a parked connection ended, also if its task ends unexpectedly.
+struct Report {
+    done: Option<mpsc::Sender<Ended>>,
+    started: Instant,
+}
+
+impl Report {
+    async fn assigned(mut self) {
+        if let Some(done) = self.done.take() {
+            let _ = done.send(Ended::Assigned).await;
+        }
+    }
+}
+
+impl Drop for Report {
+    fn drop(&mut self) {
+        if let Some(done) = self.done.take() {
+            let _ = done.try_send(Ended::Closed {
+                lived: self.started.elapsed(),
+            });
+        }
+    }
+}
+
 /// One parked connection: dial, `park`, wait for `assign`, then serve that visitor.
 async fn parked(ctx: Arc<Context>, pool: Pool, link: CancellationToken, done: mpsc::Sender<Ended>) {
-    let started = Instant::now();
+    let report = Report {
+        done: Some(done),
+        started: Instant::now(),
+    };
     let park = Message::Park {
         session_id: pool.session_id.clone(),
         secret: pool.secret.clone(),
@@ -107,14 +137,9 @@ async fn parked(ctx: Arc<Context>, pool: Pool, link: CancellationToken, done: mp
         }
     };
     let Some((conn_id, service, data, prefix)) = assigned else {
-        let _ = done
-            .send(Ended::Closed {
-                lived: started.elapsed(),
-            })
-            .await;
-        return;
+        return; // `report` tells the pool.
     };
-    let _ = done.send(Ended::Assigned).await;
+    report.assigned().await;
     match visitor::local_side(&ctx, service).await {
         Ok(local) => visitor::forward(&ctx, conn_id, local, data, &prefix).await,
         // Closing the data connection closes the visitor.
@@ -123,7 +148,7 @@ async fn parked(ctx: Arc<Context>, pool: Pool, link: CancellationToken, done: mp
 }
 
 /// Waits on a parked connection for `assign`; `None` when it closes, the relay refuses it,
-/// it idles out, or the link ends.
+/// it is retired after [`MAX_IDLE`], or the link ends.
 async fn wait_assign<S>(
     stream: S,
     link: &CancellationToken,
@@ -135,7 +160,15 @@ where
     let frame = tokio::select! {
         frame = framed.next() => frame,
         () = link.cancelled() => return None,
-        () = tokio::time::sleep(MAX_IDLE) => return None,
+        () = tokio::time::sleep(MAX_IDLE) => {
+            // Retire it: any frame makes the relay forget it and close it; an `assign` sent
+            // before the relay saw ours still arrives and is served.
+            let _ = framed.send(Message::Ping { seq: 0 }).await;
+            tokio::select! {
+                frame = tokio::time::timeout(RETIRE_GRACE, framed.next()) => frame.ok().flatten(),
+                () = link.cancelled() => return None,
+            }
+        }
     };
     match frame {
         Some(Ok(Message::Assign { conn_id, service })) => {

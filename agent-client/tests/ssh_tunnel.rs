@@ -194,6 +194,23 @@ fn ssh_over_the_tcp_data_plane_with_splice() -> anyhow::Result<()> {
         "{refused:?}"
     );
 
+    // No warm data connections in clear text: `park` is refused on the data port.
+    let park = porthole_protocol::Message::Park {
+        session_id: session.id.clone(),
+        secret: porthole_protocol::Secret::new("php_x"),
+    };
+    let refused = ask(park)?;
+    ensure!(
+        matches!(
+            &refused,
+            porthole_protocol::Message::Error {
+                code: porthole_protocol::ErrorCode::UnexpectedMessage,
+                message,
+            } if message.contains("tls data plane")
+        ),
+        "{refused:?}"
+    );
+
     let metrics = &relay.handle.relay.metrics;
     assert_eq!(metrics.forwarding_mode.with_label_values(&["tcp"]).get(), 1);
     assert_eq!(metrics.forwarding_mode.with_label_values(&["tls"]).get(), 0);

@@ -92,7 +92,11 @@ async fn serve(relay: &Relay, mut framed: AgentFramed, mut reg: Registration) {
         resumed: reg.resumed,
         data_plane: relay.config.data_plane,
         data_port: relay.data_port.get().copied(),
-        park_secret: Some(reg.park_secret.clone()),
+        // Warm data connections only where the data plane is encrypted: a park secret is
+        // reusable for the link's lifetime, and on the plain-TCP data port anyone who saw one
+        // `park` could park connections of their own and be handed visitors.
+        park_secret: (relay.config.data_plane == porthole_protocol::DataPlane::Tls)
+            .then(|| reg.park_secret.clone()),
     };
     let interval = relay.config.heartbeat_interval;
     let mut ticker = tokio::time::interval(interval);

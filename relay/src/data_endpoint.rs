@@ -52,15 +52,12 @@ async fn handle(relay: Arc<Relay>, tcp: TcpStream, peer: SocketAddr, pending: Pe
             )
             .await;
         }
-        Ok(Some(Ok(Message::Park { session_id, secret }))) => {
-            crate::warm::run(relay, framed, &session_id, &secret, DataStream::Tcp).await;
-        }
         Ok(Some(Ok(other))) => {
             relay
                 .metrics
                 .handshake_failed(ErrorCode::UnexpectedMessage.as_str());
             let msg = format!(
-                "the data port takes only `attach` and `park`, got `{}`",
+                "the data port takes only `attach`, got `{}` (warm data connections need the tls data plane)",
                 other.kind()
             );
             refuse(&mut framed, ErrorCode::UnexpectedMessage, msg).await;

@@ -21,8 +21,9 @@ use crate::session::{DataConn, DataStream, Session};
 use crate::shared::Relay;
 use crate::warm::Assignment;
 
-/// How long handing a visitor to a parked data connection may take before the visitor
-/// falls back to a freshly dialed one.
+/// How long handing a visitor to parked data connections may take in all before the visitor
+/// falls back to a freshly dialed one (longer than a parked connection may take to send
+/// `assign`: [`crate::warm::ASSIGN_SEND_TIMEOUT`]).
 const ASSIGN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Accepts visitors on one public port until the session is revoked; dropping the listener
@@ -129,7 +130,7 @@ async fn visitor(
         Ok(admitted) => admitted,
         Err(reason) => return visit.refuse(reason),
     };
-    if let Some((conn_id, data)) = warm_data_connection(&session, service).await {
+    if let Some((conn_id, data)) = warm_data_connection(&session, link.id, service).await {
         relay.metrics.pairings.with_label_values(&["warm"]).inc();
         return forward_visitor(&visit, &link.cancel, stream, data, conn_id, &early).await;
     }
@@ -162,9 +163,15 @@ async fn visitor(
     forward_visitor(&visit, &link.cancel, stream, data, conn_id, &early).await;
 }
 
-/// A parked data connection of the agent's, assigned to this visitor, if one is ready.
-async fn warm_data_connection(session: &Session, service: Service) -> Option<(u64, DataConn)> {
-    while let Some(parked) = session.take_parked() {
+/// A parked data connection of the agent's link `link_id`, assigned to this visitor, if one
+/// is ready within [`ASSIGN_TIMEOUT`] (after that the visitor takes the cold path).
+async fn warm_data_connection(
+    session: &Session,
+    link_id: u64,
+    service: Service,
+) -> Option<(u64, DataConn)> {
+    let deadline = tokio::time::Instant::now() + ASSIGN_TIMEOUT;
+    while let Some(parked) = session.take_parked(link_id) {
         let conn_id = session.next_id();
         let (reply, rx) = oneshot::channel();
         let assignment = Assignment {
@@ -176,8 +183,10 @@ async fn warm_data_connection(session: &Session, service: Service) -> Option<(u6
             continue;
         }
         // The parked task only writes one small frame before answering.
-        if let Ok(Ok(data)) = tokio::time::timeout(ASSIGN_TIMEOUT, rx).await {
-            return Some((conn_id, data));
+        match tokio::time::timeout_at(deadline, rx).await {
+            Ok(Ok(data)) => return Some((conn_id, data)),
+            Ok(Err(_)) => continue,
+            Err(_) => return None,
         }
     }
     None

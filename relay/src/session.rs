@@ -273,19 +273,20 @@ impl Session {
         &self,
         secret: &Secret,
     ) -> Result<(u64, oneshot::Receiver<Assignment>, Link), ParkRefusal> {
-        let link = self
-            .lock()
+        // Under the session lock, so a link ending meanwhile cannot miss this entry.
+        let inner = self.lock();
+        let link = inner
             .link
             .clone()
             .filter(|l| secret.matches(&l.park_hash) && !l.cancel.is_cancelled())
             .ok_or(ParkRefusal::BadSecret)?;
         let (id, rx) = self.warm.park(self.next_id(), link.id)?;
+        drop(inner);
         Ok((id, rx, link))
     }
 
-    /// The oldest parked connection of the current link, if any.
-    pub fn take_parked(&self) -> Option<oneshot::Sender<Assignment>> {
-        let link_id = self.lock().link.as_ref().map(|l| l.id)?;
+    /// The oldest parked connection of link `link_id` (the visitor's), if any.
+    pub fn take_parked(&self, link_id: u64) -> Option<oneshot::Sender<Assignment>> {
         self.warm.take(link_id)
     }
 

@@ -15,13 +15,15 @@ use tokio::sync::oneshot;
 use tokio_util::codec::Framed;
 
 use crate::agent_endpoint::refuse;
-use crate::limits::FAREWELL_TIMEOUT;
 use crate::session::{DataConn, DataStream};
 use crate::shared::Relay;
 
-/// Warm data connections one session may hold (the agent keeps a few; this bounds a
-/// misbehaving one).
+/// Warm data connections one session may hold (agents keep at most 8; this leaves room for
+/// connections of a link that just ended, and bounds a misbehaving agent).
 pub const MAX_PARKED: usize = 16;
+/// How long sending `assign` on a parked connection may take (the visitor waits
+/// `public::ASSIGN_TIMEOUT` in all, then takes the cold path).
+pub const ASSIGN_SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A visitor handed to a parked data connection.
 #[derive(Debug)]
@@ -110,7 +112,8 @@ impl WarmPool {
 
 /// Serves one parked data connection: it waits until a visitor is assigned (then sends
 /// `assign` and hands the connection over), the agent closes it, or its link ends. The agent
-/// sends nothing on a parked connection; anything it sends closes it.
+/// retires a parked connection by sending any frame on it (it still serves an `assign`
+/// that crossed): the relay then forgets it and closes it.
 pub async fn run<S>(
     relay: &Relay,
     mut framed: Framed<S, MessageCodec>,
@@ -160,7 +163,7 @@ pub async fn run<S>(
         conn_id: assignment.conn_id,
         service: assignment.service,
     };
-    match tokio::time::timeout(FAREWELL_TIMEOUT, framed.send(assign)).await {
+    match tokio::time::timeout(ASSIGN_SEND_TIMEOUT, framed.send(assign)).await {
         Ok(Ok(())) => {}
         _ => {
             // The visitor falls back to a cold data connection.
