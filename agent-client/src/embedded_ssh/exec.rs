@@ -25,7 +25,7 @@ const PUMP_BUFFER: usize = 32 * 1024;
 /// Channel data messages (at most 32 KiB each) queued for a process that does not read its
 /// input: 2048 = 64 MiB. Past that the channel waits for the process.
 const INPUT_QUEUE: usize = 2048;
-/// After the process exits, its output is still forwarded for at most this long.
+/// After a terminal's shell exits, its output is still forwarded for at most this long.
 const DRAIN_LIMIT: Duration = Duration::from_secs(2);
 /// After a terminal's shell exits, its output is read until the terminal is idle this
 /// long (or [`DRAIN_LIMIT`]): background jobs may keep the terminal open, and a session
@@ -186,11 +186,20 @@ pub async fn run(channel: Channel<Msg>, handle: Handle, request: Request, shared
             let _ = pump.await;
         }
     };
+    // A command's output is forwarded to its end, however slow the client (as OpenSSH
+    // does); a terminal's for at most DRAIN_LIMIT, since jobs may hold it open for ever.
+    let limit = async {
+        if terminal {
+            tokio::time::sleep(DRAIN_LIMIT).await
+        } else {
+            std::future::pending().await
+        }
+    };
     tokio::select! {
         () = drained => {}
         () = until_closed(&mut rx) => {}
         () = shared.cancel.cancelled() => {}
-        () = tokio::time::sleep(DRAIN_LIMIT) => {}
+        () = limit => {}
     }
     abort_all(&pumps);
     match status {

@@ -1,6 +1,7 @@
 //! One SSH connection's `russh` handler: authentication, channel opens (each channel gets
 //! its own task) and the answers to channel requests.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use russh::keys::ssh_key;
@@ -22,6 +23,8 @@ pub const MAX_FORWARDS: usize = 256;
 pub struct Connection {
     shared: Arc<Shared>,
     methods: MethodSet,
+    /// `env` requests per channel, as the channel tasks record them.
+    env: HashMap<ChannelId, Request>,
     sessions: Arc<Semaphore>,
     forwards: Arc<Semaphore>,
 }
@@ -32,6 +35,7 @@ impl Connection {
         Self {
             shared,
             methods,
+            env: HashMap::new(),
             sessions: Arc::new(Semaphore::new(MAX_SESSIONS)),
             forwards: Arc::new(Semaphore::new(MAX_FORWARDS)),
         }
@@ -85,6 +89,15 @@ impl russh::server::Handler for Connection {
 
     async fn auth_succeeded(&mut self, _session: &mut Session) -> Result<(), Self::Error> {
         self.shared.logged_in.cancel();
+        Ok(())
+    }
+
+    async fn channel_close(
+        &mut self,
+        channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.env.remove(&channel);
         Ok(())
     }
 
@@ -151,8 +164,14 @@ impl russh::server::Handler for Connection {
         variable_value: &str,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        // The same check the channel task applies (the task keeps its own list).
-        if Request::default().add_env(variable_name, variable_value) {
+        // The same checks the channel task applies to its own copy, so the answer matches
+        // what the task keeps.
+        let accepted = self
+            .env
+            .entry(channel)
+            .or_default()
+            .add_env(variable_name, variable_value);
+        if accepted {
             session.channel_success(channel)
         } else {
             session.channel_failure(channel)
