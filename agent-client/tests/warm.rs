@@ -41,19 +41,26 @@ fn wait_parked(relay: &TestRelay, n: i64) -> anyhow::Result<()> {
     .map_err(|e| anyhow::anyhow!("{e:#} (parked now: {})", parked(relay)))
 }
 
-#[test]
-fn visitors_are_paired_with_warm_connections_and_the_pool_refills() -> anyhow::Result<()> {
+/// A session on `relay` whose agent (with `extra` flags) forwards to a fresh echo service;
+/// returns the public port and the agent.
+fn session_with_agent(relay: &TestRelay, extra: &[String]) -> anyhow::Result<(u16, Agent)> {
     let echo_port = echo::start()?;
-    // The burst below comes from one address: lift the per-source rate limit.
-    let relay = TestRelay::start_with(|c| c.visitor_rate_burst = 100)?;
     let session = relay.create(&["ssh"], None)?;
-    let port = session.port("ssh");
-    let agent = Agent::start(
-        &relay,
+    let agent = Agent::start_with_args(
+        relay,
         &session.token,
         &[format!("ssh=127.0.0.1:{echo_port}")],
+        extra,
     )?;
     agent.wait_registered()?;
+    Ok((session.port("ssh"), agent))
+}
+
+#[test]
+fn visitors_are_paired_with_warm_connections_and_the_pool_refills() -> anyhow::Result<()> {
+    // The burst below comes from one address: lift the per-source rate limit.
+    let relay = TestRelay::start_with(|c| c.visitor_rate_burst = 100)?;
+    let (port, _agent) = session_with_agent(&relay, &[])?;
     wait_parked(&relay, 2)?;
 
     // One visitor: paired with a parked connection, bytes both ways.
@@ -134,23 +141,15 @@ fn warm_connections_follow_the_control_link_across_a_cut() -> anyhow::Result<()>
 }
 
 /// On the plain-TCP data plane the relay hands out no park secret (it would travel in clear
-/// text and stay valid for the link's lifetime): visitors are paired cold, and a `park` on
-/// the data port is refused.
+/// text and stay valid for the link's lifetime): visitors are paired cold (that the data
+/// port refuses `park` is checked in `ssh_tunnel.rs`).
 #[test]
 fn the_tcp_data_plane_has_no_warm_connections() -> anyhow::Result<()> {
-    let echo_port = echo::start()?;
     let relay = TestRelay::start_with(|c| {
         c.data_plane = porthole_protocol::DataPlane::Tcp;
         c.data_listen = "127.0.0.1:0".parse().unwrap_or(c.data_listen);
     })?;
-    let session = relay.create(&["ssh"], None)?;
-    let port = session.port("ssh");
-    let agent = Agent::start(
-        &relay,
-        &session.token,
-        &[format!("ssh=127.0.0.1:{echo_port}")],
-    )?;
-    agent.wait_registered()?;
+    let (port, _agent) = session_with_agent(&relay, &[])?;
     let big = vec![7u8; 1 << 20];
     assert_eq!(echo::roundtrip(port, &big)?, big);
     assert_eq!(paired(&relay, "warm"), 0);
@@ -162,17 +161,8 @@ fn the_tcp_data_plane_has_no_warm_connections() -> anyhow::Result<()> {
 
 #[test]
 fn zero_warm_connections_turns_them_off() -> anyhow::Result<()> {
-    let echo_port = echo::start()?;
     let relay = TestRelay::start()?;
-    let session = relay.create(&["ssh"], None)?;
-    let port = session.port("ssh");
-    let agent = Agent::start_with_args(
-        &relay,
-        &session.token,
-        &[format!("ssh=127.0.0.1:{echo_port}")],
-        &["--warm-connections".into(), "0".into()],
-    )?;
-    agent.wait_registered()?;
+    let (port, _agent) = session_with_agent(&relay, &["--warm-connections".into(), "0".into()])?;
     for i in 0..3 {
         let msg = format!("cold {i}");
         assert_eq!(echo::roundtrip(port, msg.as_bytes())?, msg.as_bytes());
