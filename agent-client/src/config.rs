@@ -87,9 +87,21 @@ pub struct AgentConfig {
     #[arg(long, env = "PORTHOLE_WARM_CONNECTIONS", default_value_t = 2,
           value_parser = clap::value_parser!(u16).range(0..=crate::warm::MAX_WARM as i64))]
     pub warm_connections: u16,
+    /// A warm data connection idle this long is replaced by a fresh one (keep it below the
+    /// idle timeout of any NAT or firewall between agent and relay).
+    #[arg(long, env = "PORTHOLE_WARM_IDLE", default_value = "60s", value_parser = parse_warm_idle)]
+    pub warm_idle: Duration,
     /// Deadline for connecting to the relay or a local service.
     #[arg(long, env = "PORTHOLE_CONNECT_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub connect_timeout: Duration,
+}
+
+fn parse_warm_idle(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("`{s}`: {e}"))?;
+    if d < Duration::from_secs(1) {
+        return Err(format!("`{s}`: at least 1s"));
+    }
+    Ok(d)
 }
 
 fn parse_env_var(s: &str) -> Result<(String, String), String> {
@@ -196,6 +208,8 @@ pub struct Resolved {
     pub connect_timeout: Duration,
     /// Warm data connections to keep.
     pub warm_connections: usize,
+    /// When an idle warm data connection is replaced.
+    pub warm_idle: Duration,
     /// Login details for the instructions.
     pub credentials: Vec<Credential>,
     /// SSH host public keys.
@@ -258,6 +272,7 @@ impl AgentConfig {
             trust,
             connect_timeout: self.connect_timeout,
             warm_connections: usize::from(self.warm_connections),
+            warm_idle: self.warm_idle,
         })
     }
 }

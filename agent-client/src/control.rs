@@ -97,6 +97,7 @@ pub async fn run(
                     secret,
                     route: plane,
                     size: ctx.config.warm_connections,
+                    idle: ctx.config.warm_idle,
                 });
             *registered_at = Some(Instant::now());
             let deadline = from_unix_ms(deadline_unix_ms);

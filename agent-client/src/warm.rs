@@ -20,9 +20,6 @@ use crate::Context;
 /// Most warm connections `--warm-connections` may ask for (the relay holds at most 16 per
 /// session, with room for a link that just ended).
 pub const MAX_WARM: usize = 8;
-/// A parked connection is retired after this long idle, so no middlebox silently drops it
-/// while it looks usable.
-const MAX_IDLE: Duration = Duration::from_secs(60);
 /// After asking the relay to retire a parked connection, how long an `assign` that crossed
 /// the request is still served.
 const RETIRE_GRACE: Duration = Duration::from_secs(5);
@@ -37,7 +34,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 enum Ended {
     /// A visitor took it.
     Assigned,
-    /// It closed, was refused, or idled out after `lived`.
+    /// Retired after its idle time.
+    Retired,
+    /// It closed or was refused after `lived`.
     Closed { lived: Duration },
 }
 
@@ -52,6 +51,9 @@ pub struct Pool {
     pub route: DataRoute,
     /// How many to keep.
     pub size: usize,
+    /// A parked connection idle this long is retired (so no middlebox silently drops it
+    /// while it looks usable) and replaced.
+    pub idle: Duration,
 }
 
 /// Keeps `pool.size` connections parked until `link` is cancelled (the control link ended).
@@ -90,6 +92,8 @@ pub async fn keep(ctx: Arc<Context>, pool: Pool, link: CancellationToken) {
 struct Report {
     done: Option<mpsc::Sender<Ended>>,
     started: Instant,
+    /// Retired for idleness (not a failure, whatever its age).
+    retired: bool,
 }
 
 impl Report {
@@ -103,8 +107,12 @@ impl Report {
 impl Drop for Report {
     fn drop(&mut self) {
         if let Some(done) = self.done.take() {
-            let _ = done.try_send(Ended::Closed {
-                lived: self.started.elapsed(),
+            let _ = done.try_send(if self.retired {
+                Ended::Retired
+            } else {
+                Ended::Closed {
+                    lived: self.started.elapsed(),
+                }
             });
         }
     }
@@ -112,9 +120,10 @@ impl Drop for Report {
 
 /// One parked connection: dial, `park`, wait for `assign`, then serve that visitor.
 async fn parked(ctx: Arc<Context>, pool: Pool, link: CancellationToken, done: mpsc::Sender<Ended>) {
-    let report = Report {
+    let mut report = Report {
         done: Some(done),
         started: Instant::now(),
+        retired: false,
     };
     let park = Message::Park {
         session_id: pool.session_id.clone(),
@@ -125,10 +134,10 @@ async fn parked(ctx: Arc<Context>, pool: Pool, link: CancellationToken, done: mp
         () = link.cancelled() => return,
     };
     let assigned = match dialed {
-        Ok(DataConn::Tls(s)) => wait_assign(*s, &link)
+        Ok(DataConn::Tls(s)) => wait_assign(*s, &link, pool.idle, &mut report.retired)
             .await
             .map(|(id, service, s, rest)| (id, service, DataConn::Tls(Box::new(s)), rest)),
-        Ok(DataConn::Tcp(s)) => wait_assign(s, &link)
+        Ok(DataConn::Tcp(s)) => wait_assign(s, &link, pool.idle, &mut report.retired)
             .await
             .map(|(id, service, s, rest)| (id, service, DataConn::Tcp(s), rest)),
         Err(reason) => {
@@ -148,10 +157,12 @@ async fn parked(ctx: Arc<Context>, pool: Pool, link: CancellationToken, done: mp
 }
 
 /// Waits on a parked connection for `assign`; `None` when it closes, the relay refuses it,
-/// it is retired after [`MAX_IDLE`], or the link ends.
+/// it is retired after `idle`, or the link ends.
 async fn wait_assign<S>(
     stream: S,
     link: &CancellationToken,
+    idle: Duration,
+    retired: &mut bool,
 ) -> Option<(u64, porthole_protocol::Service, S, bytes::BytesMut)>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -160,9 +171,10 @@ where
     let frame = tokio::select! {
         frame = framed.next() => frame,
         () = link.cancelled() => return None,
-        () = tokio::time::sleep(MAX_IDLE) => {
+        () = tokio::time::sleep(idle) => {
             // Retire it: any frame makes the relay forget it and close it; an `assign` sent
             // before the relay saw ours still arrives and is served.
+            *retired = true;
             let _ = framed.send(Message::Ping { seq: 0 }).await;
             tokio::select! {
                 frame = tokio::time::timeout(RETIRE_GRACE, framed.next()) => frame.ok().flatten(),

@@ -1,7 +1,7 @@
 //! Warm data connections: the agent keeps `--warm-connections` (default 2) authenticated
 //! data connections parked on the relay; visitors are paired with them at once, the pool
-//! refills and follows the control link across a cut and a resume; the plain-TCP data plane
-//! has none; `--warm-connections 0` turns it off.
+//! refills, follows the control link across a cut and a resume, and replaces idle ones
+//! (`--warm-idle`); the plain-TCP data plane has none; `--warm-connections 0` turns it off.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -170,5 +170,43 @@ fn zero_warm_connections_turns_them_off() -> anyhow::Result<()> {
     assert_eq!(paired(&relay, "cold"), 3);
     assert_eq!(paired(&relay, "warm"), 0);
     assert_eq!(parked(&relay), 0);
+    Ok(())
+}
+
+#[test]
+fn idle_warm_connections_are_retired_and_replaced() -> anyhow::Result<()> {
+    let relay = TestRelay::start()?;
+    let (port, _agent) = session_with_agent(&relay, &["--warm-idle".into(), "1s".into()])?;
+    wait_parked(&relay, 2)?;
+    // Each park takes a fresh id from the session's counter: count them across idle time.
+    let ids = || -> anyhow::Result<u64> {
+        let session = relay
+            .handle
+            .relay
+            .sessions
+            .iter()
+            .next()
+            .map(|s| s.value().clone())
+            .ok_or_else(|| anyhow::anyhow!("no session"))?;
+        Ok(session.next_id())
+    };
+    let before = ids()?;
+    std::thread::sleep(Duration::from_millis(3500));
+    let after = ids()?;
+    // Two connections retired at least once each (plus this probe's own id).
+    ensure!(
+        after - before >= 3,
+        "idle warm connections were replaced: ids {before} → {after}"
+    );
+    wait_parked(&relay, 2)?;
+    assert_eq!(
+        echo::roundtrip(port, b"after retirements")?,
+        b"after retirements"
+    );
+    assert_eq!(
+        paired(&relay, "warm"),
+        1,
+        "a replacement served the visitor"
+    );
     Ok(())
 }

@@ -176,6 +176,7 @@ async fn scrape_after_scenario() -> Result<BTreeMap<String, Family>> {
         host_keys: Vec::new(),
         embedded_ssh: None,
         warm_connections: 2,
+        warm_idle: Duration::from_secs(60),
     };
     let (tx, mut events) = mpsc::unbounded_channel();
     let reporter = move |e: &AgentEvent| drop(tx.send(e.clone()));
