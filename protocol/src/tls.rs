@@ -139,6 +139,10 @@ pub fn server_config_with(resolver: Arc<CertResolver>) -> Result<Arc<ServerConfi
         .with_no_client_auth()
         .with_cert_resolver(resolver);
     config.alpn_protocols = vec![ALPN.to_vec()];
+    // Stateless session tickets (encrypted under a rotating key): every agent's data
+    // connections resume without a full handshake, however many agents there are, and the
+    // relay keeps no per-session cache for it.
+    config.ticketer = rustls::crypto::ring::Ticketer::new()?;
     Ok(Arc::new(config))
 }
 

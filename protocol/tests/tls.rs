@@ -308,3 +308,38 @@ fn ca_file_without_certificates_is_refused() -> Result<()> {
     }
     Ok(())
 }
+
+/// Data connections (and the agent's warm ones, refilled for every visitor) resume the TLS
+/// session of an earlier connection: no certificate signature or check per connection.
+#[tokio::test]
+async fn later_connections_resume_the_tls_session() -> Result<()> {
+    within(async {
+        let relay = self_signed()?;
+        let client = client_config(&RelayTrust::Pin(relay.pin()?))?;
+        let server = relay.server_config()?;
+        let mut kinds = Vec::new();
+        for _ in 0..3 {
+            let outcome = handshake(client.clone(), server.clone(), "localhost").await?;
+            let kind = outcome
+                .0
+                .as_ref()
+                .ok()
+                .and_then(|c| c.get_ref().1.handshake_kind());
+            // The ping-pong lets the client read the server's session tickets.
+            check_established(outcome).await?;
+            kinds.push(kind);
+        }
+        ensure!(
+            kinds[0] == Some(rustls::HandshakeKind::Full),
+            "first handshake: {kinds:?}"
+        );
+        ensure!(
+            kinds[1..]
+                .iter()
+                .all(|k| *k == Some(rustls::HandshakeKind::Resumed)),
+            "later handshakes resume: {kinds:?}"
+        );
+        Ok(())
+    })
+    .await
+}
