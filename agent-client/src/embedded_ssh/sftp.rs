@@ -124,6 +124,18 @@ async fn blocking<T: Send + 'static>(
     }
 }
 
+/// The attributes `stat` (run on the blocking pool) finds, as an answer to request `id`.
+async fn attrs(
+    id: u32,
+    stat: impl FnOnce() -> std::io::Result<std::fs::Metadata> + Send + 'static,
+) -> Reply<Attrs> {
+    let meta = blocking(stat).await?;
+    Ok(Attrs {
+        id,
+        attrs: FileAttributes::from(&meta),
+    })
+}
+
 /// `path` made absolute against `root`. `..` is left to the kernel, which resolves it after
 /// following links (there is no sandbox to keep: the user has a shell).
 fn resolve(root: &Path, path: &str) -> PathBuf {
@@ -279,29 +291,17 @@ impl russh_sftp::server::Handler for Sftp {
 
     async fn lstat(&mut self, id: u32, path: String) -> Result<Attrs, Self::Error> {
         let path = self.path(&path);
-        let meta = blocking(move || std::fs::symlink_metadata(path)).await?;
-        Ok(Attrs {
-            id,
-            attrs: FileAttributes::from(&meta),
-        })
+        attrs(id, move || std::fs::symlink_metadata(path)).await
     }
 
     async fn stat(&mut self, id: u32, path: String) -> Result<Attrs, Self::Error> {
         let path = self.path(&path);
-        let meta = blocking(move || std::fs::metadata(path)).await?;
-        Ok(Attrs {
-            id,
-            attrs: FileAttributes::from(&meta),
-        })
+        attrs(id, move || std::fs::metadata(path)).await
     }
 
     async fn fstat(&mut self, id: u32, handle: String) -> Result<Attrs, Self::Error> {
         let file = self.file(&handle)?;
-        let meta = blocking(move || file.metadata()).await?;
-        Ok(Attrs {
-            id,
-            attrs: FileAttributes::from(&meta),
-        })
+        attrs(id, move || file.metadata()).await
     }
 
     async fn setstat(
