@@ -165,51 +165,40 @@ fn ssh_over_the_tcp_data_plane_with_splice() -> anyhow::Result<()> {
         let mut buf = bytes::BytesMut::from(&answer[..]);
         porthole_protocol::frame::decode(&mut buf)?.context("no answer frame")
     };
-    let hello = porthole_protocol::Message::Ping { seq: 1 };
-    let refused = ask(hello)?;
-    ensure!(
-        matches!(
-            refused,
-            porthole_protocol::Message::Error {
-                code: porthole_protocol::ErrorCode::UnexpectedMessage,
-                ..
-            }
-        ),
-        "{refused:?}"
-    );
+    // Each refusal is a typed error whose message says why.
+    let expect_refused = |msg: porthole_protocol::Message,
+                          code: porthole_protocol::ErrorCode,
+                          says: &str|
+     -> anyhow::Result<()> {
+        let refused = ask(msg)?;
+        ensure!(
+            matches!(
+                &refused,
+                porthole_protocol::Message::Error { code: got, message }
+                    if *got == code && message.contains(says)
+            ),
+            "expected {code:?} saying {says:?}, got {refused:?}"
+        );
+        Ok(())
+    };
+    use porthole_protocol::ErrorCode;
+    expect_refused(
+        porthole_protocol::Message::Ping { seq: 1 },
+        ErrorCode::UnexpectedMessage,
+        "`ping`",
+    )?;
     let forged = porthole_protocol::Message::Attach {
         session_id: session.id.clone(),
         conn_id: 1,
         secret: porthole_protocol::Secret::new("phc_forged"),
     };
-    let refused = ask(forged)?;
-    ensure!(
-        matches!(
-            refused,
-            porthole_protocol::Message::Error {
-                code: porthole_protocol::ErrorCode::BadAttach,
-                ..
-            }
-        ),
-        "{refused:?}"
-    );
-
+    expect_refused(forged, ErrorCode::BadAttach, "attach refused")?;
     // No warm data connections in clear text: `park` is refused on the data port.
     let park = porthole_protocol::Message::Park {
         session_id: session.id.clone(),
         secret: porthole_protocol::Secret::new("php_x"),
     };
-    let refused = ask(park)?;
-    ensure!(
-        matches!(
-            &refused,
-            porthole_protocol::Message::Error {
-                code: porthole_protocol::ErrorCode::UnexpectedMessage,
-                message,
-            } if message.contains("tls data plane")
-        ),
-        "{refused:?}"
-    );
+    expect_refused(park, ErrorCode::UnexpectedMessage, "tls data plane")?;
 
     let metrics = &relay.handle.relay.metrics;
     assert_eq!(metrics.forwarding_mode.with_label_values(&["tcp"]).get(), 1);
