@@ -689,3 +689,48 @@ fn bad_embedded_settings_fail_with_clear_errors() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Flow control both ways at once: 20 MiB through `cat` while the client does not read the
+/// output for 3 s. The client stops granting window, `cat` blocks on its output and stops
+/// reading its input; the agent must keep reading the channel meanwhile (russh's session loop
+/// would otherwise block and never see the window the client grants when it reads again).
+#[test]
+fn input_keeps_flowing_while_the_client_reads_output_late() -> anyhow::Result<()> {
+    use std::io::Read as _;
+    let s = Embedded::start(&[])?;
+    let dir = tempfile::tempdir()?;
+    let src = dir.path().join("input.bin");
+    let want = write_random_file(&src, 20 * 1024 * 1024)?;
+    let mut child = s
+        .ssh()?
+        .arg("cat")
+        .stdin(std::fs::File::open(&src)?)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let mut out = child.stdout.take().context("ssh stdout")?;
+    std::thread::sleep(Duration::from_secs(3));
+    let reader = std::thread::spawn(move || -> std::io::Result<Vec<u8>> {
+        let mut got = Vec::new();
+        out.read_to_end(&mut got)?;
+        Ok(got)
+    });
+    let finished = common::wait_for("ssh cat to finish", Duration::from_secs(60), || {
+        child.try_wait().ok().flatten()
+    });
+    if finished.is_err() {
+        let _ = child.kill();
+    }
+    let status = finished.with_context(|| format!("agent:\n{}", s.agent.output()))?;
+    let got = reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("reader thread panicked"))??;
+    ensure!(status.success(), "ssh cat: {status}");
+    let digest = {
+        use sha2::{Digest, Sha256};
+        hex::encode(Sha256::digest(&got))
+    };
+    assert_eq!(got.len(), 20 * 1024 * 1024);
+    assert_eq!(digest, want, "cat's output differs from its input");
+    Ok(())
+}
