@@ -1,6 +1,6 @@
 //! One SSH "session" channel: collects its requests (pty, env, window size) until it asks
-//! for a shell, a command or the SFTP subsystem, then hands it to [`exec`](super::exec) or
-//! [`sftp`](super::sftp).
+//! for a shell, a command or the SFTP subsystem, then hands it to [`exec`] or
+//! [`sftp`].
 //!
 //! The requests are answered (success/failure) by the connection's handler; this task only
 //! acts on them, in order, as the channel delivers them.

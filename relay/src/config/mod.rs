@@ -2,8 +2,8 @@
 //! variables) and a config file fills ([`crate::config_file`]).
 //!
 //! - this module: [`RelayConfig`], its defaults and derived paths;
-//! - [`validate`]: per-key checks ([`InvalidSetting`]) and warnings (ephemeral port range);
-//! - [`port_range`]: the [`PortRange`] type (`LO-HI`).
+//! - `validate`: per-key checks ([`InvalidSetting`]) and warnings (ephemeral port range);
+//! - `port_range`: the [`PortRange`] type (`LO-HI`).
 
 mod port_range;
 mod validate;
