@@ -361,11 +361,17 @@ fn scp_moves_16_mib_each_way_with_matching_sha256() -> anyhow::Result<()> {
 
     // sftp with commands on stdin (`-b` would force BatchMode, which disables passwords):
     // list, make a directory, rename, remove.
+    // A directory larger than one listing batch is listed whole.
+    let many = s.workdir.path().join("many");
+    std::fs::create_dir(&many)?;
+    for i in 0..300 {
+        std::fs::write(many.join(format!("entry-{i:03}")), b"x")?;
+    }
     let mut sftp = s.password_command("sftp", "-P", &s.login.password)?;
     sftp.arg(s.target());
     let out = common::peers::tools::run_with_input(
         &mut sftp,
-        b"ls\nmkdir made\nrename uploaded.bin made/moved.bin\nls made\nrm build-output.bin\n",
+        b"ls\nmkdir made\nrename uploaded.bin made/moved.bin\nls made\nrm build-output.bin\nls -1 many\n",
         SSH_TIMEOUT,
     )?;
     ensure_ok(&out, "sftp batch", &s.agent)?;
@@ -373,6 +379,13 @@ fn scp_moves_16_mib_each_way_with_matching_sha256() -> anyhow::Result<()> {
         out.stdout_text().contains("build-output.bin") && out.stdout_text().contains("moved.bin"),
         "sftp listing: {}",
         out.stdout_text()
+    );
+    let listed = (0..300)
+        .filter(|i| out.stdout_text().contains(&format!("entry-{i:03}")))
+        .count();
+    assert_eq!(
+        listed, 300,
+        "every entry of a 300-entry directory is listed"
     );
     ensure!(s.workdir.path().join("made/moved.bin").is_file());
     ensure!(!s.workdir.path().join("build-output.bin").exists());

@@ -83,7 +83,8 @@ pub async fn serve(channel: Channel<Msg>, shared: &Shared) {
 
 enum Open {
     File(Arc<FsFile>),
-    Dir(Vec<File>),
+    /// Read a batch at a time (a directory may be huge); `None` while a batch is read.
+    Dir(Option<std::fs::ReadDir>),
 }
 
 struct Sftp {
@@ -328,33 +329,41 @@ impl russh_sftp::server::Handler for Sftp {
 
     async fn opendir(&mut self, id: u32, path: String) -> Result<Handle, Self::Error> {
         let path = self.path(&path);
-        let entries = blocking(move || {
+        let entries = blocking(move || std::fs::read_dir(&path)).await?;
+        let handle = self.insert(Open::Dir(Some(entries)))?;
+        Ok(Handle { id, handle })
+    }
+
+    async fn readdir(&mut self, id: u32, handle: String) -> Result<Name, Self::Error> {
+        let Some(Open::Dir(slot)) = self.handles.get_mut(&handle) else {
+            return Err(StatusCode::Failure.with_message("no such directory handle"));
+        };
+        let Some(mut entries) = slot.take() else {
+            return Err(StatusCode::Failure.with_message("directory handle busy"));
+        };
+        let (entries, files) = blocking(move || {
             let mut files = Vec::new();
-            for entry in std::fs::read_dir(&path)? {
+            for entry in entries.by_ref() {
                 let entry = entry?;
+                // Gone since it was listed: skip it.
                 let Ok(meta) = entry.path().symlink_metadata() else {
                     continue;
                 };
                 let name = entry.file_name().to_string_lossy().into_owned();
                 files.push(File::new(name, FileAttributes::from(&meta)));
+                if files.len() >= READDIR_BATCH {
+                    break;
+                }
             }
-            files.sort_by(|a, b| b.filename.cmp(&a.filename));
-            Ok(files)
+            Ok((entries, files))
         })
         .await?;
-        let handle = self.insert(Open::Dir(entries))?;
-        Ok(Handle { id, handle })
-    }
-
-    async fn readdir(&mut self, id: u32, handle: String) -> Result<Name, Self::Error> {
-        let Some(Open::Dir(pending)) = self.handles.get_mut(&handle) else {
-            return Err(StatusCode::Failure.with_message("no such directory handle"));
-        };
-        if pending.is_empty() {
+        if let Some(Open::Dir(slot)) = self.handles.get_mut(&handle) {
+            *slot = Some(entries);
+        }
+        if files.is_empty() {
             return Err(StatusCode::Eof.into());
         }
-        let take = pending.len().min(READDIR_BATCH);
-        let files = pending.split_off(pending.len() - take);
         Ok(Name { id, files })
     }
 
