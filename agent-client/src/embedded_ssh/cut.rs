@@ -78,7 +78,13 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Cut<S> {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        let this = self.get_mut();
+        // A shutdown (TLS close_notify) to a peer that stopped reading must not hold the
+        // session task either.
+        if this.is_cut(cx) {
+            return Poll::Ready(Err(aborted()));
+        }
+        Pin::new(&mut this.inner).poll_shutdown(cx)
     }
 }
 

@@ -12,7 +12,7 @@ use russh::server::{Handle, Msg};
 use russh::{Channel, ChannelMsg, ChannelReadHalf};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::process::ChildStdin;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -34,41 +34,66 @@ const TERMINAL_DRAIN_IDLE: Duration = Duration::from_millis(250);
 /// `shell -c` exit status when the shell cannot be started (as POSIX shells report it).
 const CANNOT_START: u32 = 127;
 
-/// What the input task does next, in order.
-enum Input {
-    Data(bytes::Bytes),
-    Resize(u16, u16),
-}
-
 /// Where the input task writes.
 enum Sink {
     Terminal(OwnedWritePty),
     Pipe(ChildStdin),
 }
 
+impl Sink {
+    /// One write (cancel-safe: nothing is written unless it returns).
+    async fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Self::Terminal(w) => w.write(data).await,
+            Self::Pipe(w) => w.write(data).await,
+        }
+    }
+
+    fn resize(&self, rows: u16, cols: u16) {
+        if let Self::Terminal(w) = self {
+            if let Err(e) = w.resize(pty_process::Size::new(rows, cols)) {
+                tracing::debug!(error = %e, "cannot resize the terminal");
+            }
+        }
+    }
+}
+
 /// Writes channel data to the process on its own task, so the channel keeps being read
 /// (russh's only flow control is the channel's message queue: a session loop blocked on a
 /// full queue would stop reading the client's window adjustments, and output waiting for
-/// window would never move again). Bounded by [`INPUT_QUEUE`] messages.
-async fn write_input(mut sink: Sink, mut queue: mpsc::Receiver<Input>) {
-    while let Some(item) = queue.recv().await {
-        match (&mut sink, item) {
-            (Sink::Terminal(w), Input::Data(data)) => {
-                if w.write_all(&data).await.is_err() {
-                    break;
-                }
+/// window would never move again). Bounded by [`INPUT_QUEUE`] messages. Window size changes
+/// go ahead of queued data, even while a write waits for the terminal.
+async fn write_input(
+    mut sink: Sink,
+    mut queue: mpsc::Receiver<bytes::Bytes>,
+    mut size: watch::Receiver<(u16, u16)>,
+) {
+    loop {
+        let data = tokio::select! {
+            biased;
+            Ok(()) = size.changed() => {
+                let (rows, cols) = *size.borrow_and_update();
+                sink.resize(rows, cols);
+                continue;
             }
-            (Sink::Pipe(w), Input::Data(data)) => {
-                if w.write_all(&data).await.is_err() {
-                    break;
+            data = queue.recv() => match data {
+                Some(data) => data,
+                None => break,
+            },
+        };
+        let mut written = 0;
+        while written < data.len() {
+            tokio::select! {
+                biased;
+                Ok(()) = size.changed() => {
+                    let (rows, cols) = *size.borrow_and_update();
+                    sink.resize(rows, cols);
                 }
+                n = sink.write(&data[written..]) => match n {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => written += n,
+                },
             }
-            (Sink::Terminal(w), Input::Resize(rows, cols)) => {
-                if let Err(e) = w.resize(pty_process::Size::new(rows, cols)) {
-                    tracing::debug!(error = %e, "cannot resize the terminal");
-                }
-            }
-            (Sink::Pipe(_), Input::Resize(..)) => {}
         }
     }
     // Dropping a pipe's writer is the process's end of input.
@@ -100,6 +125,11 @@ pub async fn run(channel: Channel<Msg>, handle: Handle, request: Request, shared
     };
     let exited = CancellationToken::new();
     let (input_tx, input_rx) = mpsc::channel(INPUT_QUEUE);
+    let first_size = request
+        .terminal
+        .as_ref()
+        .map_or((24, 80), |t| (t.rows, t.cols));
+    let (size_tx, size_rx) = watch::channel(first_size);
     let cancel = shared.cancel.clone();
     let (sink, mut pumps): (Sink, Vec<JoinHandle<()>>) = match io {
         Io::Pty { output, input } => (
@@ -130,7 +160,7 @@ pub async fn run(channel: Channel<Msg>, handle: Handle, request: Request, shared
             ],
         ),
     };
-    let writer = shared.tasks.spawn(write_input(sink, input_rx));
+    let writer = shared.tasks.spawn(write_input(sink, input_rx, size_rx));
     let mut input = Some(input_tx);
     let mut size = request.terminal.as_ref().map(|t| (t.rows, t.cols));
     let terminal = request.terminal.is_some();
@@ -138,14 +168,17 @@ pub async fn run(channel: Channel<Msg>, handle: Handle, request: Request, shared
         writer.abort();
         pumps.iter().for_each(JoinHandle::abort);
     };
-    let status: Option<ExitStatus> = loop {
+    let status: Option<ExitStatus> = 'run: loop {
         tokio::select! {
             status = child.wait() => break status.ok(),
             msg = rx.wait() => match msg {
                 Some(ChannelMsg::Data { data }) => {
                     if let Some(queue) = &input {
+                        // A full queue (the process is not reading) holds the channel, but
+                        // never hides the process's exit.
                         tokio::select! {
-                            r = queue.send(Input::Data(data)) => if r.is_err() { input = None },
+                            r = queue.send(data) => if r.is_err() { input = None },
+                            status = child.wait() => break 'run status.ok(),
                             () = shared.cancel.cancelled() => {}
                         }
                     }
@@ -153,10 +186,10 @@ pub async fn run(channel: Channel<Msg>, handle: Handle, request: Request, shared
                 // A terminal has no end of input; a pipe closes once its queue is written.
                 Some(ChannelMsg::Eof) if !terminal => input = None,
                 Some(ChannelMsg::WindowChange { col_width, row_height, .. }) => {
-                    if let (Some((rows, cols)), Some(queue)) = (size.as_mut(), &input) {
+                    if let Some((rows, cols)) = size.as_mut() {
                         *rows = dimension(row_height, *rows);
                         *cols = dimension(col_width, *cols);
-                        let _ = queue.try_send(Input::Resize(*rows, *cols));
+                        let _ = size_tx.send((*rows, *cols));
                     }
                 }
                 Some(ChannelMsg::Signal { signal }) => {
@@ -198,7 +231,11 @@ pub async fn run(channel: Channel<Msg>, handle: Handle, request: Request, shared
     tokio::select! {
         () = drained => {}
         () = until_closed(&mut rx) => {}
-        () = shared.cancel.cancelled() => {}
+        () = shared.cancel.cancelled() => {
+            // Jobs may still hold its output: they end with the session too.
+            abort_all(&pumps);
+            process::hang_up(&mut child, group, terminal).await;
+        }
         () = limit => {}
     }
     abort_all(&pumps);

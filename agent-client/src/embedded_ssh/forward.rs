@@ -50,15 +50,22 @@ pub async fn serve(
     // Channel data is queued for the target on its own task, so the channel keeps being read
     // (see exec::write_input for why that matters with russh).
     let (queue_tx, mut queue_rx) = mpsc::channel::<bytes::Bytes>(QUEUE);
+    // Ends when the client closes the channel (or the connection goes); its EOF only ends
+    // the data towards the target.
     let inbound = async move {
+        let mut queue_tx = Some(queue_tx);
         while let Some(msg) = rx.wait().await {
-            let stop = match msg {
-                ChannelMsg::Data { data } => queue_tx.send(data).await.is_err(),
-                ChannelMsg::Eof | ChannelMsg::Close => true,
-                _ => false,
-            };
-            if stop {
-                break;
+            match msg {
+                ChannelMsg::Data { data } => {
+                    if let Some(queue) = &queue_tx {
+                        if queue.send(data).await.is_err() {
+                            queue_tx = None;
+                        }
+                    }
+                }
+                ChannelMsg::Eof => queue_tx = None,
+                ChannelMsg::Close => break,
+                _ => {}
             }
         }
     };
@@ -78,7 +85,8 @@ pub async fn serve(
         let _ = tx.eof().await;
     };
     tokio::select! {
-        _ = async { tokio::join!(inbound, write_target, outbound) } => {}
+        _ = async { tokio::join!(write_target, outbound) } => {}
+        () = inbound => {}
         () = shared.cancel.cancelled() => {}
     }
     let _ = tx.close().await;

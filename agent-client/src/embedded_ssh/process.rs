@@ -198,10 +198,18 @@ pub fn signal_group(group: Pid, signal: Signal) {
 pub async fn hang_up(child: &mut Child, group: Pid, terminal: bool) -> Option<ExitStatus> {
     signal_group(group, Signal::SIGHUP);
     signal_group(group, Signal::SIGCONT);
-    let status = match tokio::time::timeout(HANGUP_GRACE, child.wait()).await {
+    let deadline = tokio::time::Instant::now() + HANGUP_GRACE;
+    let status = match tokio::time::timeout_at(deadline, child.wait()).await {
         Ok(Ok(status)) => Some(status),
         _ => None,
     };
+    // A shell passes SIGHUP on to its jobs and exits at once: the jobs get the rest of the
+    // grace period too (an editor saving its buffer) before SIGKILL.
+    if terminal {
+        while tokio::time::Instant::now() < deadline && !session_members(group).is_empty() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
     signal_group(group, Signal::SIGKILL);
     if terminal {
         for pid in session_members(group) {

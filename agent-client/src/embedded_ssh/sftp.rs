@@ -344,7 +344,13 @@ impl russh_sftp::server::Handler for Sftp {
         let (entries, files) = blocking(move || {
             let mut files = Vec::new();
             for entry in entries.by_ref() {
-                let entry = entry?;
+                // A failing entry ends this batch (the listing stays usable); alone, it is
+                // the answer.
+                let entry = match entry {
+                    Ok(entry) => entry,
+                    Err(e) if files.is_empty() => return Ok((entries, Err(e))),
+                    Err(_) => break,
+                };
                 // Gone since it was listed: skip it.
                 let Ok(meta) = entry.path().symlink_metadata() else {
                     continue;
@@ -355,12 +361,13 @@ impl russh_sftp::server::Handler for Sftp {
                     break;
                 }
             }
-            Ok((entries, files))
+            Ok((entries, Ok(files)))
         })
         .await?;
         if let Some(Open::Dir(slot)) = self.handles.get_mut(&handle) {
             *slot = Some(entries);
         }
+        let files = files.map_err(io_error)?;
         if files.is_empty() {
             return Err(StatusCode::Eof.into());
         }
