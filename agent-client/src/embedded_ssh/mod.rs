@@ -106,11 +106,6 @@ impl EmbeddedSsh {
         }
     }
 
-    /// Settings (password and host key for the relay).
-    pub fn settings(&self) -> &Settings {
-        &self.settings
-    }
-
     /// Serves one SSH connection on `stream` until the client leaves or `cancel` fires;
     /// then hangs up every process the connection started.
     pub async fn serve<S>(&self, stream: S, cancel: &CancellationToken, tasks: &TaskTracker)
