@@ -84,6 +84,7 @@ pub async fn run(
             data_plane,
             data_port,
             park_secret,
+            visitor_auth_reports: _,
         }))) => {
             plane = match (data_plane, data_port) {
                 (DataPlane::Tcp, Some(port)) => DataRoute::Tcp(port),

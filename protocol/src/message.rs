@@ -232,6 +232,10 @@ pub enum Message {
         /// take none. Valid while this control link lives.
         #[serde(default)]
         park_secret: Option<Secret>,
+        /// Whether the relay takes `visitor_authenticated` reports (older relays do not:
+        /// an agent sends them only when this is true).
+        #[serde(default)]
+        visitor_auth_reports: bool,
     },
     /// Either way: a typed refusal; the sender closes the connection after it.
     Error {
@@ -255,6 +259,13 @@ pub enum Message {
         conn_id: u64,
         /// Why, for the relay's log.
         reason: String,
+    },
+    /// Agent → relay: the visitor on connection `conn_id` logged in to the agent's embedded
+    /// SSH server, so it counts as a real user (it holds an `extend_while_connected`
+    /// session open). Sent only to relays that said `visitor_auth_reports` in `registered`.
+    VisitorAuthenticated {
+        /// Connection id from `open` or `assign`.
+        conn_id: u64,
     },
     /// Agent → relay, first frame of a data connection; raw bytes follow.
     Attach {
@@ -316,6 +327,7 @@ impl Message {
             Message::Error { .. } => "error",
             Message::Open { .. } => "open",
             Message::OpenFailed { .. } => "open_failed",
+            Message::VisitorAuthenticated { .. } => "visitor_authenticated",
             Message::Attach { .. } => "attach",
             Message::Park { .. } => "park",
             Message::Assign { .. } => "assign",

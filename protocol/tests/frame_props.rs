@@ -81,6 +81,7 @@ fn message() -> impl Strategy<Value = Message> {
                         data_plane: porthole_protocol::DataPlane::Tls,
                         data_port: Some(port),
                         park_secret: resumed.then(|| porthole_protocol::Secret::new("php_x")),
+                        visitor_auth_reports: !resumed,
                     }
                 }
             ),
@@ -92,6 +93,7 @@ fn message() -> impl Strategy<Value = Message> {
         }),
         (any::<u64>(), text())
             .prop_map(|(conn_id, reason)| Message::OpenFailed { conn_id, reason }),
+        any::<u64>().prop_map(|conn_id| Message::VisitorAuthenticated { conn_id }),
         (text(), any::<u64>(), secret()).prop_map(|(session_id, conn_id, secret)| {
             Message::Attach {
                 session_id,

@@ -3,6 +3,7 @@
 //! revocation.
 
 use porthole_protocol::limits::{MAX_CREDENTIAL_LEN, MAX_HOST_KEYS, MAX_HOST_KEY_LEN};
+use porthole_protocol::username::validate_username;
 use porthole_protocol::{Credential, Service};
 
 /// Login details of a session (the `Debug` output shows no password: [`Credential`]
@@ -38,11 +39,9 @@ impl Access {
             let bad = |v: &str| {
                 v.is_empty() || v.len() > MAX_CREDENTIAL_LEN || v.chars().any(char::is_control)
             };
-            if bad(&c.username) {
-                return Err(format!(
-                    "{} user name must be 1 to {MAX_CREDENTIAL_LEN} printable characters",
-                    c.service
-                ));
+            // User names go into the command users paste into a shell: portable names only.
+            if let Err(e) = validate_username(&c.username) {
+                return Err(format!("{} user name refused: {e}", c.service));
             }
             if c.password.as_ref().is_some_and(|p| bad(p.expose())) {
                 return Err(format!(
@@ -137,5 +136,25 @@ mod tests {
             .err()
             .unwrap_or_default();
         assert!(err.contains("ssh user name"), "{err}");
+        for name in [
+            "$(touch /tmp/x)dev",
+            "-oProxyCommand=nc",
+            "a b",
+            "`id`",
+            "ｑａ",
+        ] {
+            let cred = Credential {
+                service: Service::Vnc,
+                username: name.into(),
+                password: None,
+            };
+            let err = Access::from_hello(vec![cred], vec![])
+                .err()
+                .unwrap_or_default();
+            assert!(
+                err.contains("vnc user name refused") && err.contains("POSIX-portable"),
+                "{name}: {err}"
+            );
+        }
     }
 }

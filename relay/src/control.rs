@@ -97,6 +97,7 @@ async fn serve(relay: &Relay, mut framed: AgentFramed, mut reg: Registration) {
         // `park` could park connections of their own and be handed visitors.
         park_secret: (relay.config.data_plane == porthole_protocol::DataPlane::Tls)
             .then(|| reg.park_secret.clone()),
+        visitor_auth_reports: true,
     };
     let interval = relay.config.heartbeat_interval;
     let mut ticker = tokio::time::interval(interval);

@@ -7,6 +7,7 @@
 //! - [`config_file`]: defaults < TOML file < environment < flags.
 //! - [`error`]: the relay error type, [`RelayError`].
 //! - [`limits`]: internal constants that are not settings.
+//! - [`untrusted`]: peer text made safe for log lines; the session id format check.
 //! - [`bootstrap`]: the data dir on start: TLS certificate (generated if absent), admin token.
 //! - [`shared`]: [`Relay`], the state all tasks share.
 //! - [`lifecycle`]: the pure session state machine and deadlines.
@@ -58,6 +59,7 @@ pub mod session;
 pub mod shared;
 pub mod store;
 pub mod supervisor;
+pub mod untrusted;
 pub mod user_token;
 pub mod warm;
 

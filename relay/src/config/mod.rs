@@ -95,18 +95,47 @@ pub struct RelayConfig {
         default_value = "tester,qa"
     )]
     pub denied_roles: Vec<String>,
+    /// Roles that may get remote access instructions, comma-separated [default: empty = every
+    /// role not denied]. Roles are compared after Unicode NFKC, dropping invisible
+    /// (default-ignorable) characters, case folding and trimming.
+    #[arg(long, env = "PORTHOLE_ALLOWED_ROLES", value_delimiter = ',')]
+    pub allowed_roles: Vec<String>,
     /// Audit log (JSON lines), or `-` for stdout [default: DATA_DIR/audit.log].
     #[arg(long, env = "PORTHOLE_AUDIT_LOG")]
     pub audit_log: Option<PathBuf>,
     /// Concurrent visitor connections per session (a session may ask for fewer or more).
     #[arg(long, env = "PORTHOLE_MAX_VISITORS", default_value = "16")]
     pub max_visitors: usize,
+    /// Concurrent visitor connections one source address (IPv6: one /64) may hold per session.
+    #[arg(long, env = "PORTHOLE_MAX_VISITORS_PER_SOURCE", default_value = "4")]
+    pub max_visitors_per_source: usize,
+    /// How long a new visitor may take to complete its protocol's opening (SSH: the client's
+    /// identification line; VNC: the client's `RFB 003.00x` version reply) before it is
+    /// closed. Until then it does not count toward the session's visitor caps.
+    #[arg(long, env = "PORTHOLE_VISITOR_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub visitor_handshake_timeout: Duration,
+    /// How long a visitor must stay connected before it holds an `extend_while_connected`
+    /// session open (default: past OpenSSH's LoginGraceTime of 120 s, so a connection that
+    /// never logs in cannot hold it); visitors the agent's embedded SSH server reports as
+    /// logged in count at once.
+    #[arg(long, env = "PORTHOLE_EXTEND_MIN_VISITOR_AGE", default_value = "130s", value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub extend_min_visitor_age: Duration,
     /// New visitor connections a source IP may open at once per session (token bucket size).
     #[arg(long, env = "PORTHOLE_VISITOR_RATE_BURST", default_value = "10")]
     pub visitor_rate_burst: u32,
     /// New visitor connections per source IP per session per minute, after the burst.
     #[arg(long, env = "PORTHOLE_VISITOR_RATE_PER_MINUTE", default_value = "30")]
     pub visitor_rate_per_minute: u32,
+    /// Concurrent connections to the HTTP API (and the metrics listener); more wait in the
+    /// kernel's accept queue.
+    #[arg(long, env = "PORTHOLE_MAX_API_CONNECTIONS", default_value = "256")]
+    pub max_api_connections: usize,
+    /// An HTTP client must send a request's complete headers within this, or it is closed.
+    #[arg(long, env = "PORTHOLE_API_HEADER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub api_header_timeout: Duration,
     /// How long live visitor connections may drain after SIGTERM/SIGINT before the relay
     /// closes them and exits.
     #[arg(long, env = "PORTHOLE_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
@@ -160,10 +189,16 @@ impl Default for RelayConfig {
             max_pending_handshakes: 1024,
             user_token_secret_file: None,
             denied_roles: vec!["tester".into(), "qa".into()],
+            allowed_roles: Vec::new(),
             audit_log: None,
             max_visitors: 16,
+            max_visitors_per_source: 4,
+            visitor_handshake_timeout: Duration::from_secs(10),
+            extend_min_visitor_age: Duration::from_secs(130),
             visitor_rate_burst: 10,
             visitor_rate_per_minute: 30,
+            max_api_connections: 256,
+            api_header_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(30),
             log_format: LogFormat::Text,
             data_plane: porthole_protocol::DataPlane::Tls,

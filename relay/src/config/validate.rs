@@ -45,6 +45,8 @@ impl RelayConfig {
             ("handshake_timeout", self.handshake_timeout),
             ("open_timeout", self.open_timeout),
             ("shutdown_grace", self.shutdown_grace),
+            ("visitor_handshake_timeout", self.visitor_handshake_timeout),
+            ("api_header_timeout", self.api_header_timeout),
         ];
         if let Some((key, _)) = must_be_positive.iter().find(|(_, d)| d.is_zero()) {
             return Err(InvalidSetting::new(
@@ -64,6 +66,17 @@ impl RelayConfig {
             ("open_timeout", self.open_timeout, hour),
             ("revoked_retention", self.revoked_retention, 30 * 24 * hour),
             ("shutdown_grace", self.shutdown_grace, hour),
+            (
+                "visitor_handshake_timeout",
+                self.visitor_handshake_timeout,
+                hour,
+            ),
+            (
+                "extend_min_visitor_age",
+                self.extend_min_visitor_age,
+                24 * hour,
+            ),
+            ("api_header_timeout", self.api_header_timeout, hour),
         ];
         if let Some((key, _, max)) = at_most.iter().find(|(_, d, max)| d > max) {
             return Err(InvalidSetting::new(
@@ -84,6 +97,8 @@ impl RelayConfig {
         let at_least_one = [
             ("max_visitors", self.max_visitors),
             ("max_pending_handshakes", self.max_pending_handshakes),
+            ("max_visitors_per_source", self.max_visitors_per_source),
+            ("max_api_connections", self.max_api_connections),
             ("visitor_rate_burst", self.visitor_rate_burst as usize),
             (
                 "visitor_rate_per_minute",
@@ -144,6 +159,12 @@ impl RelayConfig {
             return Err(InvalidSetting::new(
                 "denied_roles",
                 format!("`{role}` is empty; list role names, e.g. [\"tester\", \"qa\"]"),
+            ));
+        }
+        if let Some(role) = self.allowed_roles.iter().find(|r| r.trim().is_empty()) {
+            return Err(InvalidSetting::new(
+                "allowed_roles",
+                format!("`{role}` is empty; list role names, e.g. [\"developer\"], or leave it out to allow every role not denied"),
             ));
         }
         if let Some(host) = &self.public_host {
