@@ -144,8 +144,9 @@ fi
 section "cargo build --workspace --all-targets --locked"
 cargo build --workspace --all-targets --locked
 
-section "cargo test --workspace --locked $*"
+section "cargo test --workspace --locked --no-fail-fast $*"
 status=0
-cargo test --workspace --locked "$@" || status=$?
+# --no-fail-fast: one failing test binary must not hide the results of the others.
+cargo test --workspace --locked --no-fail-fast "$@" || status=$?
 section "done (cargo test exit status $status)"
 exit "$status"

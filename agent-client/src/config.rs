@@ -59,7 +59,9 @@ pub struct AgentConfig {
     /// Name to verify the relay certificate against [default: the host of --relay].
     #[arg(long, env = "PORTHOLE_SERVER_NAME")]
     pub server_name: Option<String>,
-    /// Where the agent writes its pid, for `porthole-agent finish`.
+    /// Where the agent writes its pid, for `porthole-agent finish` (created anew, mode 0600;
+    /// a symbolic link or a live agent's pid file there stops the start; a stale one is
+    /// replaced).
     #[arg(long, env = "PORTHOLE_PID_FILE", default_value_os_t = default_pid_file())]
     pub pid_file: PathBuf,
     /// SSH user name shown in the instructions [default: the user running the agent].
@@ -125,10 +127,12 @@ fn parse_secret(s: &str) -> Result<Secret, String> {
     Ok(Secret::new(s))
 }
 
-/// Default pid file: `$XDG_RUNTIME_DIR/porthole-agent.pid`, else in the temp dir.
+/// Default pid file: `$XDG_RUNTIME_DIR/porthole-agent.pid` (when it is an absolute path),
+/// else in the temp dir.
 pub fn default_pid_file() -> PathBuf {
     std::env::var_os("XDG_RUNTIME_DIR")
         .map(PathBuf::from)
+        .filter(|dir| dir.is_absolute())
         .unwrap_or_else(std::env::temp_dir)
         .join("porthole-agent.pid")
 }

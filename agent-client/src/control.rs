@@ -23,8 +23,8 @@ const MIN_HEARTBEAT_MS: u64 = 100;
 /// See [`MIN_HEARTBEAT_MS`].
 const MAX_HEARTBEAT_MS: u64 = 3_600_000;
 
-/// Open-failed reports queued from visitor tasks to the link.
-const FAILURE_QUEUE: usize = 256;
+/// Reports (`open_failed`, `visitor_authenticated`) queued from visitor tasks to the link.
+const REPORT_QUEUE: usize = 256;
 
 /// How a registered link ended without error.
 #[derive(Debug)]
@@ -73,6 +73,9 @@ pub async fn run(
     let answer = tokio::time::timeout(ctx.config.connect_timeout, framed.next()).await;
     let plane: DataRoute;
     let warm: Option<Pool>;
+    let report_logins: bool;
+    // Visitor tasks queue their reports here; the link loop sends them.
+    let (to_relay, mut reports) = mpsc::channel(REPORT_QUEUE);
     let (session_id, heartbeat) = match answer {
         Ok(Some(Ok(Message::Registered {
             session_id,
@@ -84,8 +87,9 @@ pub async fn run(
             data_plane,
             data_port,
             park_secret,
-            visitor_auth_reports: _,
+            visitor_auth_reports,
         }))) => {
+            report_logins = visitor_auth_reports;
             plane = match (data_plane, data_port) {
                 (DataPlane::Tcp, Some(port)) => DataRoute::Tcp(port),
                 _ => DataRoute::Tls,
@@ -99,6 +103,7 @@ pub async fn run(
                     route: plane,
                     size: ctx.config.warm_connections,
                     idle: ctx.config.warm_idle,
+                    login_reports: visitor_auth_reports.then(|| to_relay.clone()),
                 });
             *registered_at = Some(Instant::now());
             let deadline = from_unix_ms(deadline_unix_ms);
@@ -147,7 +152,6 @@ pub async fn run(
         ctx.tasks
             .spawn(crate::warm::keep(ctx.clone(), pool, link.clone()));
     }
-    let (fail_tx, mut fail_rx) = mpsc::channel(FAILURE_QUEUE);
     let mut ticker = tokio::time::interval(heartbeat);
     let mut last_heard = Instant::now();
     let mut seq = 0u64;
@@ -157,7 +161,7 @@ pub async fn run(
         let sent = tokio::select! {
             () = ctx.cancel.cancelled() => return Ok(LinkEnd::Shutdown),
             Ok(()) = finished.changed() => send(&mut framed, Message::Finish, limit).await,
-            Some(msg) = fail_rx.recv() => send(&mut framed, msg, limit).await,
+            Some(msg) = reports.recv() => send(&mut framed, msg, limit).await,
             _ = ticker.tick() => {
                 if last_heard.elapsed() > limit {
                     return Err(AgentError::LinkLost("no frame from the relay for three heartbeat intervals".into()));
@@ -169,8 +173,8 @@ pub async fn run(
                 last_heard = Instant::now();
                 match frame {
                     Some(Ok(Message::Open { conn_id, service, secret })) => {
-                        let open = Open { session_id: session_id.clone(), conn_id, service, secret, route: plane };
-                        ctx.tasks.spawn(visitor::serve(ctx.clone(), open, fail_tx.clone()));
+                        let open = Open { session_id: session_id.clone(), conn_id, service, secret, route: plane, report_login: report_logins };
+                        ctx.tasks.spawn(visitor::serve(ctx.clone(), open, to_relay.clone()));
                         Ok(())
                     }
                     Some(Ok(Message::Ping { seq })) => send(&mut framed, Message::Pong { seq }, limit).await,

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use porthole_protocol::username::validate_username;
 use porthole_protocol::{Credential, Secret, Service};
 
 use crate::config::{AgentConfig, Target};
@@ -25,11 +26,13 @@ pub fn gather(
     let mut credentials = Vec::new();
     let mut host_keys = Vec::new();
     let mut embedded = None;
-    let ssh_user = config
-        .ssh_user
-        .clone()
-        .map(Ok)
-        .unwrap_or_else(current_user)?;
+    let ssh_user = match &config.ssh_user {
+        Some(name) => checked_user("--ssh-user", name)?,
+        None => checked_user(
+            "the user running the agent (the default of --ssh-user)",
+            &current_user()?,
+        )?,
+    };
     if services.get(&Service::Ssh) == Some(&Target::EmbeddedSsh) {
         if config.ssh_password_file.is_some() || !config.ssh_host_key_files.is_empty() {
             return Err(
@@ -74,7 +77,10 @@ pub fn gather(
             .as_deref()
             .map(read_password)
             .transpose()?;
-        let username = config.vnc_user.clone().unwrap_or(ssh_user);
+        let username = match &config.vnc_user {
+            Some(name) => checked_user("--vnc-user", name)?,
+            None => ssh_user,
+        };
         credentials.push(Credential {
             service: Service::Vnc,
             username,
@@ -82,6 +88,28 @@ pub fn gather(
         });
     }
     Ok((credentials, host_keys, embedded))
+}
+
+/// `name` when it passes the user name rule (it ends up in the `ssh` command users paste
+/// into a shell); else an error naming `source` and the rule.
+fn checked_user(source: &str, name: &str) -> Result<String, String> {
+    validate_username(name)
+        .map(|()| name.to_owned())
+        .map_err(|e| format!("{source} `{}` refused: {e}", printable(name)))
+}
+
+/// `name` with control characters escaped (`\n`, `\u{1b}`), so printing it cannot forge
+/// build log lines or drive a terminal.
+fn printable(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 /// The name of the user running the agent.
@@ -136,4 +164,37 @@ fn read_host_keys(files: &[PathBuf]) -> Result<Vec<String>, String> {
         .collect();
     paths.sort();
     Ok(paths.iter().filter_map(|p| read(p).ok()).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_names_are_checked_against_the_rule() {
+        assert_eq!(
+            checked_user("--ssh-user", "runner"),
+            Ok("runner".to_owned())
+        );
+        let err = checked_user("--ssh-user", "$(touch /tmp/x)dev")
+            .err()
+            .unwrap_or_default();
+        assert!(
+            err.starts_with("--ssh-user `$(touch /tmp/x)dev` refused:")
+                && err.contains("POSIX-portable"),
+            "{err}"
+        );
+        // Control characters are shown escaped, so a name cannot forge build log lines.
+        let err = checked_user("--vnc-user", "a\nb\u{1b}[2J")
+            .err()
+            .unwrap_or_default();
+        assert!(
+            err.contains("`a\\nb\\u{1b}[2J`") && !err.contains(['\n', '\u{1b}']),
+            "{err}"
+        );
+        let err = checked_user("--ssh-user", "a\"b'c")
+            .err()
+            .unwrap_or_default();
+        assert!(err.contains("`a\"b'c`"), "{err}");
+    }
 }

@@ -12,6 +12,8 @@
 //! - [`embedded_ssh`]: the agent's own SSH server (`--embedded-ssh`), served on data
 //!   connections.
 //! - [`warm`]: warm data connections parked on the relay, handed to visitors at once.
+//! - [`pidfile`]: the `--pid-file` (created exclusively, stale ones replaced) and the
+//!   check that `finish` signals a porthole-agent.
 //! - [`prefixed`]: a stream that first yields bytes a frame decoder read ahead.
 //! - [`backoff`]: jittered exponential reconnect delays that reset after a healthy link.
 //!
@@ -26,6 +28,7 @@ pub mod embedded_ssh;
 pub mod error;
 pub mod events;
 pub mod link;
+pub mod pidfile;
 pub mod prefixed;
 pub mod visitor;
 pub mod warm;

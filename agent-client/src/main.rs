@@ -9,8 +9,8 @@ use std::process::ExitCode;
 use std::time::SystemTime;
 
 use clap::{Parser, Subcommand};
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
+use porthole_agent::pidfile::{signal_agent, PidFile};
 use porthole_agent::{run, AgentConfig, AgentEvent, Outcome};
 use porthole_protocol::{Credential, Service};
 use tokio::signal::unix::{signal, SignalKind};
@@ -31,7 +31,8 @@ struct Cli {
 enum Command {
     /// Serve the session (the default).
     Run(Box<AgentConfig>),
-    /// Tell the running agent that the build finished (sends it SIGUSR1).
+    /// Tell the running agent that the build finished (sends it SIGUSR1, after checking
+    /// that the pid file names a porthole-agent).
     Finish {
         /// The running agent's pid file.
         #[arg(long, env = "PORTHOLE_PID_FILE", default_value_os_t = porthole_agent::config::default_pid_file())]
@@ -62,18 +63,7 @@ fn main() -> ExitCode {
 }
 
 fn finish(pid_file: &Path) -> Result<(), String> {
-    let text = std::fs::read_to_string(pid_file).map_err(|e| {
-        format!(
-            "cannot read {}: {e} (is porthole-agent running? pass --pid-file)",
-            pid_file.display()
-        )
-    })?;
-    let pid: i32 = text
-        .trim()
-        .parse()
-        .map_err(|_| format!("{} does not hold a pid", pid_file.display()))?;
-    kill(Pid::from_raw(pid), Signal::SIGUSR1)
-        .map_err(|e| format!("cannot signal porthole-agent (pid {pid}): {e}"))?;
+    let pid = signal_agent(pid_file, Signal::SIGUSR1)?;
     println!("porthole-agent: told the agent (pid {pid}) that the build finished; the grace period starts");
     Ok(())
 }
@@ -91,8 +81,8 @@ fn serve(config: AgentConfig) -> Result<(), String> {
     let logins: Vec<Credential> = resolved.credentials.clone();
     let runtime =
         tokio::runtime::Runtime::new().map_err(|e| format!("cannot start the runtime: {e}"))?;
-    std::fs::write(&config.pid_file, format!("{}\n", std::process::id()))
-        .map_err(|e| format!("cannot write {}: {e}", config.pid_file.display()))?;
+    // Removed when it goes out of scope, if it still holds this process's pid.
+    let pid_file = PidFile::create(&config.pid_file)?;
     let outcome = runtime.block_on(async {
         let (finish_tx, finish_rx) = tokio::sync::watch::channel(false);
         let cancel = CancellationToken::new();
@@ -113,7 +103,7 @@ fn serve(config: AgentConfig) -> Result<(), String> {
             .await
             .map_err(|e| e.to_string())
     });
-    let _ = std::fs::remove_file(&config.pid_file);
+    drop(pid_file);
     match outcome? {
         Outcome::Revoked(reason) => println!("porthole-agent: session ended: {reason}"),
         Outcome::Shutdown => println!("porthole-agent: stopped"),

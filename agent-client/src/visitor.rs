@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use tokio_rustls::client::TlsStream;
 
 use crate::config::Target;
-use crate::embedded_ssh::EmbeddedSsh;
+use crate::embedded_ssh::{EmbeddedSsh, LoginReport};
 use crate::prefixed::Prefixed;
 use crate::Context;
 
@@ -31,6 +31,9 @@ pub struct Open {
     pub secret: Secret,
     /// Where the data connection goes (the relay said so in `registered`).
     pub route: DataRoute,
+    /// Whether to report an embedded SSH login (`visitor_authenticated`): the relay said it
+    /// takes such reports in `registered`.
+    pub report_login: bool,
 }
 
 /// Where a visitor's data connection goes.
@@ -60,12 +63,13 @@ pub enum Local {
     Embedded(Arc<EmbeddedSsh>),
 }
 
-/// Serves one visitor; reports `open_failed` on `failures` when the service is unreachable.
-pub async fn serve(ctx: Arc<Context>, open: Open, failures: mpsc::Sender<Message>) {
+/// Serves one visitor; reports `open_failed` on `to_relay` (the control link's queue) when
+/// the service is unreachable, and `visitor_authenticated` when asked to.
+pub async fn serve(ctx: Arc<Context>, open: Open, to_relay: mpsc::Sender<Message>) {
     let conn_id = open.conn_id;
     let fail = |reason: String| {
         tracing::warn!(conn_id, service = %open.service, "{reason}");
-        let _ = failures.try_send(Message::OpenFailed { conn_id, reason });
+        let _ = to_relay.try_send(Message::OpenFailed { conn_id, reason });
     };
     let local = match local_side(&ctx, open.service).await {
         Ok(local) => local,
@@ -80,7 +84,10 @@ pub async fn serve(ctx: Arc<Context>, open: Open, failures: mpsc::Sender<Message
         Ok(data) => data,
         Err(reason) => return fail(reason),
     };
-    forward(&ctx, conn_id, local, data, &[]).await;
+    let login = open
+        .report_login
+        .then(|| LoginReport::new(conn_id, to_relay.clone()));
+    forward(&ctx, conn_id, local, data, &[], login).await;
 }
 
 /// Reaches what serves `service` here: dials the local service, or picks the embedded SSH
@@ -109,20 +116,28 @@ pub async fn local_side(ctx: &Context, service: Service) -> Result<Local, String
 }
 
 /// Forwards between the local side and the data connection until either ends; `prefix`
-/// holds bytes already read from the relay (they go to the local side first).
-pub async fn forward(ctx: &Context, conn_id: u64, local: Local, data: DataConn, prefix: &[u8]) {
+/// holds bytes already read from the relay (they go to the local side first). `login` is
+/// sent when a visitor of the embedded SSH server logs in.
+pub async fn forward(
+    ctx: &Context,
+    conn_id: u64,
+    local: Local,
+    data: DataConn,
+    prefix: &[u8],
+    login: Option<LoginReport>,
+) {
     let mut local = match local {
         Local::Dialed(s) => s,
         Local::Embedded(server) => {
             match data {
                 DataConn::Tls(s) => {
                     server
-                        .serve(Prefixed::new(prefix, s), &ctx.cancel, &ctx.tasks)
+                        .serve(Prefixed::new(prefix, s), &ctx.cancel, &ctx.tasks, login)
                         .await
                 }
                 DataConn::Tcp(s) => {
                     server
-                        .serve(Prefixed::new(prefix, s), &ctx.cancel, &ctx.tasks)
+                        .serve(Prefixed::new(prefix, s), &ctx.cancel, &ctx.tasks, login)
                         .await
                 }
             }

@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 
+use crate::embedded_ssh::LoginReport;
 use crate::visitor::{self, DataConn, DataRoute};
 use crate::Context;
 
@@ -54,6 +55,9 @@ pub struct Pool {
     /// A parked connection idle this long is retired (so no middlebox silently drops it
     /// while it looks usable) and replaced.
     pub idle: Duration,
+    /// The control link's queue of visitor reports, when the relay takes
+    /// `visitor_authenticated`.
+    pub login_reports: Option<mpsc::Sender<Message>>,
 }
 
 /// Keeps `pool.size` connections parked until `link` is cancelled (the control link ended).
@@ -150,7 +154,13 @@ async fn parked(ctx: Arc<Context>, pool: Pool, link: CancellationToken, done: mp
     };
     report.assigned().await;
     match visitor::local_side(&ctx, service).await {
-        Ok(local) => visitor::forward(&ctx, conn_id, local, data, &prefix).await,
+        Ok(local) => {
+            let login = pool
+                .login_reports
+                .clone()
+                .map(|queue| LoginReport::new(conn_id, queue));
+            visitor::forward(&ctx, conn_id, local, data, &prefix, login).await
+        }
         // Closing the data connection closes the visitor.
         Err(reason) => tracing::warn!(conn_id, %service, "{reason}"),
     }

@@ -1,6 +1,7 @@
 //! `extend_while_connected` end to end: a connected visitor keeps a finished session open
 //! past its grace deadline, the last visitor leaving starts a fresh grace, and the hard cap
-//! still ends the session and cuts the visitor.
+//! still ends the session and cuts the visitor. A visitor holds the session once it has been
+//! connected `extend_min_visitor_age` (1 s here; the API shows it in `visitors_holding`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -31,7 +32,22 @@ fn session_with_visitor(
     let mut visitor = relay.connect_from(LOCALHOST, created.port("ssh"))?;
     echo_on(&mut visitor, b"hello\n").context("the visitor's first echo")?;
     wait_visitors(relay, &created.id, 1)?;
+    wait_for(
+        "the visitor to hold the session",
+        Duration::from_secs(10),
+        || {
+            relay
+                .get(&created.id)
+                .ok()
+                .filter(|v| v["visitors_holding"].as_u64() == Some(1))
+        },
+    )?;
     Ok((created, agent, visitor))
+}
+
+/// A relay whose visitors hold sessions after 1 s.
+fn relay() -> anyhow::Result<TestRelay> {
+    TestRelay::start_with(|c| c.extend_min_visitor_age = Duration::from_secs(1))
 }
 
 /// Waits until the API counts `n` visitors on the session.
@@ -78,7 +94,7 @@ fn audited_revocation(relay: &TestRelay, id: &str, reason: &str) -> anyhow::Resu
 
 #[test]
 fn a_connected_visitor_holds_the_session_and_leaving_starts_a_fresh_grace() -> anyhow::Result<()> {
-    let relay = TestRelay::start()?;
+    let relay = relay()?;
     let (created, _agent, mut visitor) = session_with_visitor(
         &relay,
         json!({ "grace_secs": 2, "extend_while_connected": true }),
@@ -149,10 +165,10 @@ fn a_connected_visitor_holds_the_session_and_leaving_starts_a_fresh_grace() -> a
 
 #[test]
 fn the_hard_cap_still_ends_an_extended_session_and_cuts_the_visitor() -> anyhow::Result<()> {
-    let relay = TestRelay::start()?;
+    let relay = relay()?;
     let (created, _agent, mut visitor) = session_with_visitor(
         &relay,
-        json!({ "grace_secs": 2, "extend_while_connected": true, "max_lifetime_secs": 4 }),
+        json!({ "grace_secs": 2, "extend_while_connected": true, "max_lifetime_secs": 6 }),
     )?;
     let id = &created.id;
     let view = relay.finish(id)?;

@@ -11,19 +11,12 @@ use std::time::Duration;
 use anyhow::{ensure, Context as _};
 use common::agent::Agent;
 use common::proxy::Proxy;
+use common::raw::{self, confirm, registered, wait_for_async, RawLink};
 use common::relay::TestRelay;
 use common::{echo, port_refuses, wait_for};
 use futures_util::{SinkExt, StreamExt};
-use porthole_protocol::codec::MessageCodec;
-use porthole_protocol::limits::PROTOCOL_VERSION;
 use porthole_protocol::message::HelloAuth;
-use porthole_protocol::tls::{client_config, parse_pin, RelayTrust};
-use porthole_protocol::{ErrorCode, Message, Secret, Service};
-use tokio::net::TcpStream;
-use tokio_rustls::client::TlsStream;
-use tokio_rustls::rustls::pki_types::ServerName;
-use tokio_rustls::TlsConnector;
-use tokio_util::codec::Framed;
+use porthole_protocol::{ErrorCode, Message, Secret};
 
 #[test]
 fn cut_link_resumes_on_the_same_port() -> anyhow::Result<()> {
@@ -127,28 +120,9 @@ fn a_silent_link_is_noticed_by_both_sides_and_the_agent_resumes() -> anyhow::Res
     Ok(())
 }
 
-/// A raw control connection, speaking the protocol directly.
-async fn raw_hello(
-    relay: &TestRelay,
-    auth: HelloAuth,
-) -> anyhow::Result<(Framed<TlsStream<TcpStream>, MessageCodec>, Message)> {
-    let config = client_config(&RelayTrust::Pin(parse_pin(&relay.pin())?))?;
-    let tcp = TcpStream::connect(relay.agent_addr()).await?;
-    let tls = TlsConnector::from(config)
-        .connect(ServerName::try_from("localhost")?, tcp)
-        .await?;
-    let mut framed = Framed::new(tls, MessageCodec);
-    let hello = Message::Hello {
-        protocol_version: PROTOCOL_VERSION,
-        agent_version: "test".into(),
-        auth,
-        services: vec![Service::Ssh],
-        credentials: vec![],
-        host_keys: vec![],
-    };
-    framed.send(hello).await?;
-    let answer = tokio::time::timeout(Duration::from_secs(10), framed.next()).await?;
-    Ok((framed, answer.context("closed without an answer")??))
+/// A raw control connection to `relay`.
+async fn raw_hello(relay: &TestRelay, auth: HelloAuth) -> anyhow::Result<(RawLink, Message)> {
+    raw::hello(&relay.agent_addr(), &relay.pin(), auth).await
 }
 
 #[test]
@@ -205,43 +179,6 @@ fn a_live_agent_is_not_displaced_by_a_second_one_with_its_resume_secret() -> any
         );
         anyhow::Ok(())
     })
-}
-
-/// Polls `f` for up to 10 s until it yields a value.
-async fn wait_for_async<T, F: std::future::Future<Output = Option<T>>>(
-    mut f: impl FnMut() -> F,
-) -> anyhow::Result<T> {
-    for _ in 0..100 {
-        if let Some(v) = f().await {
-            return Ok(v);
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    anyhow::bail!("timed out after 10 s")
-}
-
-/// Sends a ping on a registered raw link and waits for the pong: the relay then knows the
-/// agent got its `registered`.
-async fn confirm(framed: &mut Framed<TlsStream<TcpStream>, MessageCodec>) -> anyhow::Result<()> {
-    framed.send(Message::Ping { seq: 7 }).await?;
-    loop {
-        match tokio::time::timeout(Duration::from_secs(5), framed.next()).await? {
-            Some(Ok(Message::Pong { seq: 7 })) => return Ok(()),
-            Some(Ok(_)) => continue,
-            other => anyhow::bail!("no pong: {other:?}"),
-        }
-    }
-}
-
-fn registered(answer: &Message) -> Option<(String, Secret)> {
-    match answer {
-        Message::Registered {
-            session_id,
-            resume_secret,
-            ..
-        } => Some((session_id.clone(), resume_secret.clone())),
-        _ => None,
-    }
 }
 
 #[test]

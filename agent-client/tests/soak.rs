@@ -97,6 +97,7 @@ fn ten_thousand_cycles_and_a_thousand_concurrent_visitors_leak_no_fds() -> anyho
     let relay = TestRelay::start_with(|c| {
         c.visitor_rate_burst = 1_000_000;
         c.visitor_rate_per_minute = 1_000_000;
+        c.max_visitors_per_source = CONCURRENT;
     })?;
     let session = relay.create_with(&["ssh"], json!({ "max_visitors": CONCURRENT }))?;
     let port = session.port("ssh");

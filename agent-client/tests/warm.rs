@@ -58,8 +58,11 @@ fn session_with_agent(relay: &TestRelay, extra: &[String]) -> anyhow::Result<(u1
 
 #[test]
 fn visitors_are_paired_with_warm_connections_and_the_pool_refills() -> anyhow::Result<()> {
-    // The burst below comes from one address: lift the per-source rate limit.
-    let relay = TestRelay::start_with(|c| c.visitor_rate_burst = 100)?;
+    // The burst below comes from one address: lift the per-source limits.
+    let relay = TestRelay::start_with(|c| {
+        c.visitor_rate_burst = 100;
+        c.max_visitors_per_source = 100;
+    })?;
     let (port, _agent) = session_with_agent(&relay, &[])?;
     wait_parked(&relay, 2)?;
 

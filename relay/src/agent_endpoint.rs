@@ -6,7 +6,7 @@
 //! the TLS handshake and first frame run in the connection's own task under one deadline,
 //! never in the accept loop, holding a pending slot until the first frame.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use futures_util::{SinkExt, StreamExt};
@@ -69,15 +69,17 @@ async fn handle(
         Ok(Ok(got)) => got,
         Ok(Err(e)) => {
             relay.metrics.handshake_failed("tls");
-            tracing::info!(error = %e, "agent connection refused: TLS handshake failed");
+            let detail = format!("TLS handshake failed: {e}");
+            relay.refusals.agent(peer.ip(), "tls", &detail);
             return;
         }
         Err(_) => {
             relay.metrics.handshake_failed("timeout");
-            tracing::info!(
-                "agent connection closed: no TLS handshake and first frame within {:?}",
+            let detail = format!(
+                "no TLS handshake and first frame within {:?}",
                 relay.config.handshake_timeout
             );
+            relay.refusals.agent(peer.ip(), "timeout", &detail);
             return;
         }
     };
@@ -88,20 +90,27 @@ async fn handle(
             conn_id,
             secret,
         } => {
-            attach::run(&relay, framed, &session_id, conn_id, &secret, |s| {
-                DataStream::Tls(Box::new(s))
-            })
+            attach::run(
+                &relay,
+                peer.ip(),
+                false,
+                framed,
+                &session_id,
+                conn_id,
+                &secret,
+                |s| DataStream::Tls(Box::new(s)),
+            )
             .await;
         }
         FirstFrame::Park { session_id, secret } => {
-            crate::warm::run(&relay, framed, &session_id, &secret, |s| {
+            crate::warm::run(&relay, peer.ip(), framed, &session_id, &secret, |s| {
                 DataStream::Tls(Box::new(s))
             })
             .await;
         }
         FirstFrame::Refused(code, msg) => {
             relay.metrics.handshake_failed(code.as_str());
-            refuse(&mut framed, code, msg).await;
+            refuse(&relay, peer.ip(), &mut framed, code, msg).await;
         }
         FirstFrame::Closed => tracing::debug!("agent connection closed before its first frame"),
     }
@@ -181,12 +190,18 @@ pub fn classify(first: Option<Result<Message, FrameError>>) -> FirstFrame {
     }
 }
 
-/// Sends a typed error, logs it, and closes the connection.
-pub async fn refuse<S>(framed: &mut Framed<S, MessageCodec>, code: ErrorCode, message: String)
-where
+/// Sends a typed error to the connection from `peer`, logs it (aggregated, see
+/// [`crate::refusals`]), and closes the connection.
+pub async fn refuse<S>(
+    relay: &Relay,
+    peer: IpAddr,
+    framed: &mut Framed<S, MessageCodec>,
+    code: ErrorCode,
+    message: String,
+) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    tracing::warn!(?code, "agent connection refused: {message}");
+    relay.refusals.agent(peer, code.as_str(), &message);
     let farewell = async {
         let _ = framed.send(Message::Error { code, message }).await;
         let _ = framed.close().await;

@@ -10,10 +10,17 @@ use tokio_util::codec::Framed;
 use crate::agent_endpoint::refuse;
 use crate::session::{DataConn, DataStream};
 use crate::shared::Relay;
+use crate::untrusted::Untrusted;
+use std::net::IpAddr;
 
-/// Pairs a data connection with its waiting visitor, or refuses it.
+/// Pairs a data connection from `peer` with its waiting visitor, or refuses it. With
+/// `from_link_only` (the plain-TCP data port, where the secret travels in clear text), the
+/// connection must come from the address of the session's control link.
+#[allow(clippy::too_many_arguments)]
 pub async fn run<S>(
     relay: &Relay,
+    peer: IpAddr,
+    from_link_only: bool,
     mut framed: Framed<S, MessageCodec>,
     session_id: &str,
     conn_id: u64,
@@ -22,16 +29,24 @@ pub async fn run<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let waiting = relay
-        .sessions
-        .get(session_id)
-        .and_then(|s| s.value().take_open(conn_id, secret));
+    let waiting = relay.sessions.get(session_id).and_then(|s| {
+        let from = from_link_only.then_some(peer);
+        s.value().take_open(conn_id, secret, from)
+    });
     let Some(tx) = waiting else {
-        let msg = format!("attach refused: session `{session_id}` has no visitor {conn_id} waiting with that secret");
+        let msg = format!(
+            "attach refused: session `{}` has no visitor {conn_id} waiting with that secret{}",
+            Untrusted(session_id),
+            if from_link_only {
+                " from this address"
+            } else {
+                ""
+            }
+        );
         relay
             .metrics
             .handshake_failed(ErrorCode::BadAttach.as_str());
-        refuse(&mut framed, ErrorCode::BadAttach, msg).await;
+        refuse(relay, peer, &mut framed, ErrorCode::BadAttach, msg).await;
         return;
     };
     let parts = framed.into_parts();

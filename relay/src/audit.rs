@@ -1,14 +1,21 @@
 //! The audit log: one JSON object per line, appended to `DATA_DIR/audit.log` (or stdout).
 //!
 //! Lines are written synchronously under a lock, so an event is on its way to disk before
-//! the action it records is answered, and none is dropped. Events carry ids, addresses,
-//! roles and counts, never a secret: no type here holds one.
+//! the action it records is answered. Events carry ids, addresses, roles and counts, never a
+//! secret: no type here holds one. Refusals are aggregated before they get here
+//! ([`crate::refusals`]), so a flood writes a few lines, not one per connection.
+//!
+//! Rotation: the file is reopened on SIGUSR2 ([`AuditLog::reopen`]), so `logrotate` can
+//! rename it and signal the relay (README "Audit log rotation"). A write that fails (a full
+//! disk) is logged once when the failures start and once when they end; the action it
+//! records goes ahead, so live sessions keep working.
 
 use std::fs::OpenOptions;
 use std::io::{LineWriter, Write};
 use std::net::IpAddr;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
+use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 use std::time::SystemTime;
 
@@ -118,7 +125,9 @@ pub enum AuditEvent {
         /// How long it lasted.
         duration_secs: f64,
     },
-    /// A visitor was turned away.
+    /// A visitor was turned away: the first of its kind at once (`count` 1), repeats as one
+    /// summary line per interval (`count` repeats in the last `summary_secs`); see
+    /// [`crate::refusals`].
     VisitorRefused {
         /// Session.
         session_id: String,
@@ -126,10 +135,17 @@ pub enum AuditEvent {
         service: Service,
         /// Public port.
         port: u16,
-        /// Visitor address.
-        source_ip: IpAddr,
+        /// Visitor address (IPv6: its /64 in summaries); absent in a summary over many
+        /// sources.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        source_ip: Option<IpAddr>,
         /// Why.
         reason: VisitorRefusal,
+        /// Refusals this line stands for.
+        count: u64,
+        /// Set on summary lines: the interval the count covers.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        summary_secs: Option<u64>,
     },
 }
 
@@ -142,8 +158,12 @@ struct Line<'a> {
 
 /// Where audit lines go.
 pub struct AuditLog {
+    /// The file's path (`-`: stdout).
+    path: std::path::PathBuf,
     /// The open file or stdout.
     sink: Mutex<Box<dyn Write + Send>>,
+    /// Whether the last write failed (so a full disk is reported once, not per line).
+    failing: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -155,23 +175,24 @@ impl std::fmt::Debug for AuditLog {
 impl AuditLog {
     /// Opens `path` for appending (created 0600), or stdout when `path` is `-`.
     pub fn open(path: &Path) -> Result<Self, RelayError> {
-        let sink: Box<dyn Write + Send> = if path == Path::new("-") {
-            Box::new(LineWriter::new(std::io::stdout()))
-        } else {
-            let file = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .mode(0o600)
-                .open(path)
-                .map_err(|source| RelayError::File {
-                    path: path.to_owned(),
-                    source,
-                })?;
-            Box::new(LineWriter::new(file))
-        };
         Ok(Self {
-            sink: Mutex::new(sink),
+            path: path.to_owned(),
+            sink: Mutex::new(open_sink(path)?),
+            failing: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Opens the file again at its path (after `logrotate` renamed it; SIGUSR2). On error the
+    /// current file stays in use.
+    pub fn reopen(&self) -> Result<(), RelayError> {
+        if self.path == Path::new("-") {
+            return Ok(());
+        }
+        let fresh = open_sink(&self.path)?;
+        let mut sink = self.sink.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = sink.flush();
+        *sink = fresh;
+        Ok(())
     }
 
     /// Appends one event. A failed write is logged; it never fails the action it records.
@@ -186,8 +207,33 @@ impl AuditLog {
         };
         text.push('\n');
         let mut sink = self.sink.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(e) = sink.write_all(text.as_bytes()) {
-            tracing::error!(error = %e, "cannot write the audit log");
+        let written = sink.write_all(text.as_bytes()).and_then(|()| sink.flush());
+        drop(sink);
+        let was_failing = self.failing.swap(written.is_err(), Ordering::Relaxed);
+        match written {
+            Err(e) if !was_failing => tracing::error!(path = %self.path.display(), error = %e,
+                "cannot write the audit log (disk full?): audit lines are lost until it can be written again; sessions keep working"),
+            Ok(()) if was_failing => {
+                tracing::warn!(path = %self.path.display(), "the audit log can be written again")
+            }
+            _ => {}
         }
     }
+}
+
+/// The audit log's writer for `path` (`-`: stdout).
+fn open_sink(path: &Path) -> Result<Box<dyn Write + Send>, RelayError> {
+    if path == Path::new("-") {
+        return Ok(Box::new(LineWriter::new(std::io::stdout())));
+    }
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|source| RelayError::File {
+            path: path.to_owned(),
+            source,
+        })?;
+    Ok(Box::new(LineWriter::new(file)))
 }

@@ -132,11 +132,7 @@ fn load_or_create_token(path: &Path) -> Result<(Secret, bool), RelayError> {
                     path.display()
                 )));
             }
-            if let Ok(meta) = fs::metadata(path) {
-                if meta.permissions().mode() & 0o077 != 0 {
-                    tracing::warn!(path = %path.display(), "admin token file is readable by other users: chmod 600 it");
-                }
-            }
+            warn_if_loose(path, "admin token");
             Ok((Secret::new(token), false))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -148,6 +144,16 @@ fn load_or_create_token(path: &Path) -> Result<(Secret, bool), RelayError> {
             path: path.to_owned(),
             source: e,
         }),
+    }
+}
+
+/// Warns when the secret file `path` (`what` it holds) can be read or written by other
+/// users than its owner.
+pub fn warn_if_loose(path: &Path, what: &str) {
+    if let Ok(meta) = fs::metadata(path) {
+        if meta.permissions().mode() & 0o077 != 0 {
+            tracing::warn!(path = %path.display(), "{what} file is readable by other users: chmod 600 it");
+        }
     }
 }
 

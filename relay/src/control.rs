@@ -16,6 +16,7 @@ use crate::agent_endpoint::{refuse, AgentFramed};
 use crate::limits::FAREWELL_TIMEOUT;
 use crate::registry::{unix_ms, AgentOffer, Refusal, Registration};
 use crate::shared::Relay;
+use crate::untrusted::Untrusted;
 
 /// The fields of a `hello`.
 #[derive(Debug)]
@@ -40,7 +41,7 @@ pub fn screen(hello: Hello, ip: IpAddr) -> Result<(HelloAuth, AgentOffer, String
     if hello.protocol_version != PROTOCOL_VERSION {
         let msg = format!(
             "porthole-agent {} speaks protocol {}, this relay (porthole-relay {}) speaks protocol {}: install the porthole-agent release that matches the relay",
-            hello.agent_version, hello.protocol_version, env!("CARGO_PKG_VERSION"), PROTOCOL_VERSION
+            Untrusted(&hello.agent_version), hello.protocol_version, env!("CARGO_PKG_VERSION"), PROTOCOL_VERSION
         );
         return Err((ErrorCode::VersionMismatch, msg));
     }
@@ -60,7 +61,7 @@ pub async fn run(relay: Arc<Relay>, mut framed: AgentFramed, hello: Hello, peer:
         Ok(screened) => screened,
         Err((code, msg)) => {
             relay.metrics.handshake_failed(code.as_str());
-            return refuse(&mut framed, code, msg).await;
+            return refuse(&relay, peer.ip(), &mut framed, code, msg).await;
         }
     };
     let registered = match &auth {
@@ -71,16 +72,16 @@ pub async fn run(relay: Arc<Relay>, mut framed: AgentFramed, hello: Hello, peer:
         Ok(reg) => reg,
         Err((code, msg)) => {
             relay.metrics.handshake_failed(code.as_str());
-            return refuse(&mut framed, code, msg).await;
+            return refuse(&relay, peer.ip(), &mut framed, code, msg).await;
         }
     };
     let session_id = reg.session.id.clone();
-    tracing::info!(%session_id, %peer, agent_version = %agent_version, resumed = reg.resumed,
+    tracing::info!(%session_id, %peer, agent_version = %Untrusted(&agent_version), resumed = reg.resumed,
         "agent {}", if reg.resumed { "resumed" } else { "joined" });
-    serve(&relay, framed, reg).await;
+    serve(&relay, peer.ip(), framed, reg).await;
 }
 
-async fn serve(relay: &Relay, mut framed: AgentFramed, mut reg: Registration) {
+async fn serve(relay: &Relay, peer: IpAddr, mut framed: AgentFramed, mut reg: Registration) {
     let session = reg.session.clone();
     let deadline = session.lock().life.deadline().0;
     let registered = Message::Registered {
@@ -114,7 +115,7 @@ async fn serve(relay: &Relay, mut framed: AgentFramed, mut reg: Registration) {
             () = relay.stopping.cancelled() => {
                 // Tell the agent to come back to the restarted relay; its visitors drain.
                 let msg = "the relay is restarting: reconnect shortly".to_owned();
-                refuse(&mut framed, ErrorCode::ShuttingDown, msg).await;
+                refuse(relay, peer, &mut framed, ErrorCode::ShuttingDown, msg).await;
                 session.link_released(reg.link.id, SystemTime::now());
                 return;
             }
@@ -141,17 +142,18 @@ async fn serve(relay: &Relay, mut framed: AgentFramed, mut reg: Registration) {
                             tracing::error!(session_id = %session.id, error = %e, "cannot save the finish");
                         }
                     }
+                    Some(Ok(Message::VisitorAuthenticated { conn_id })) => session.report_authenticated(conn_id),
                     Some(Ok(Message::OpenFailed { conn_id, reason })) => {
-                        tracing::info!(session_id = %session.id, conn_id, %reason, "agent could not reach the local service");
+                        tracing::info!(session_id = %session.id, conn_id, reason = %Untrusted(&reason), "agent could not reach the local service");
                         session.cancel_open(conn_id);
                     }
                     Some(Ok(other)) => {
                         let msg = format!("`{}` is not allowed on a control connection", other.kind());
-                        refuse(&mut framed, ErrorCode::UnexpectedMessage, msg).await;
+                        refuse(relay, peer, &mut framed, ErrorCode::UnexpectedMessage, msg).await;
                         break;
                     }
                     Some(Err(e)) => {
-                        refuse(&mut framed, ErrorCode::BadFrame, format!("control frame refused: {e}")).await;
+                        refuse(relay, peer, &mut framed, ErrorCode::BadFrame, format!("control frame refused: {e}")).await;
                         break;
                     }
                     None => {

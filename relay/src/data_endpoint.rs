@@ -44,6 +44,8 @@ async fn handle(relay: Arc<Relay>, tcp: TcpStream, peer: SocketAddr, pending: Pe
         }))) => {
             attach::run(
                 relay,
+                peer.ip(),
+                true,
                 framed,
                 &session_id,
                 conn_id,
@@ -60,11 +62,20 @@ async fn handle(relay: Arc<Relay>, tcp: TcpStream, peer: SocketAddr, pending: Pe
                 "the data port takes only `attach`, got `{}` (warm data connections need the tls data plane)",
                 other.kind()
             );
-            refuse(&mut framed, ErrorCode::UnexpectedMessage, msg).await;
+            refuse(
+                relay,
+                peer.ip(),
+                &mut framed,
+                ErrorCode::UnexpectedMessage,
+                msg,
+            )
+            .await;
         }
         Ok(Some(Err(e))) => {
             relay.metrics.handshake_failed(ErrorCode::BadFrame.as_str());
             refuse(
+                relay,
+                peer.ip(),
                 &mut framed,
                 ErrorCode::BadFrame,
                 format!("first frame refused: {e}"),
@@ -74,7 +85,8 @@ async fn handle(relay: Arc<Relay>, tcp: TcpStream, peer: SocketAddr, pending: Pe
         Ok(None) => {}
         Err(_) => {
             relay.metrics.handshake_failed("timeout");
-            tracing::info!(%peer, "data connection closed: no attach within the handshake deadline");
+            let detail = "data connection closed: no attach within the handshake deadline";
+            relay.refusals.agent(peer.ip(), "timeout", detail);
         }
     }
 }

@@ -15,7 +15,7 @@ use serde::Serialize;
 const MAX_TRACKED_SOURCES: usize = 10_000;
 
 /// Why a visitor was turned away.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum VisitorRefusal {
     /// The source address is outside the session's `allow_cidrs`.
@@ -24,6 +24,8 @@ pub enum VisitorRefusal {
     RateLimited,
     /// The session already has `max_visitors` connections.
     TooManyVisitors,
+    /// This source already holds `max_visitors_per_source` of the session's connections.
+    TooManyFromSource,
     /// The build machine is not connected (pending or disconnected).
     AgentNotConnected,
     /// The agent's link could not take another `open`.
@@ -32,6 +34,9 @@ pub enum VisitorRefusal {
     AgentFailed,
     /// An SSH port got something other than an SSH client's identification in time.
     NotSsh,
+    /// A VNC port got something other than a VNC client's `RFB 003.00x` version reply in
+    /// time.
+    NotVnc,
     /// Too many visitors (relay-wide, or from this source) are still to show they are SSH
     /// clients.
     TooManyPending,
@@ -39,14 +44,16 @@ pub enum VisitorRefusal {
 
 impl VisitorRefusal {
     /// Every reason, for metrics that start at zero.
-    pub const ALL: [VisitorRefusal; 8] = [
+    pub const ALL: [VisitorRefusal; 10] = [
         VisitorRefusal::SourceNotAllowed,
         VisitorRefusal::RateLimited,
         VisitorRefusal::TooManyVisitors,
+        VisitorRefusal::TooManyFromSource,
         VisitorRefusal::AgentNotConnected,
         VisitorRefusal::AgentBusy,
         VisitorRefusal::AgentFailed,
         VisitorRefusal::NotSsh,
+        VisitorRefusal::NotVnc,
         VisitorRefusal::TooManyPending,
     ];
 
@@ -56,10 +63,12 @@ impl VisitorRefusal {
             VisitorRefusal::SourceNotAllowed => "source_not_allowed",
             VisitorRefusal::RateLimited => "rate_limited",
             VisitorRefusal::TooManyVisitors => "too_many_visitors",
+            VisitorRefusal::TooManyFromSource => "too_many_from_source",
             VisitorRefusal::AgentNotConnected => "agent_not_connected",
             VisitorRefusal::AgentBusy => "agent_busy",
             VisitorRefusal::AgentFailed => "agent_failed",
             VisitorRefusal::NotSsh => "not_ssh",
+            VisitorRefusal::NotVnc => "not_vnc",
             VisitorRefusal::TooManyPending => "too_many_pending",
         }
     }

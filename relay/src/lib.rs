@@ -18,12 +18,14 @@
 //! - [`guards`]: allowed source CIDRs and per-source-IP rate limits for visitors.
 //! - [`user_token`]: HS256 user tokens (verify, mint, shared secret file).
 //! - [`audit`]: the JSON-lines audit log.
+//! - [`refusals`]: refusals aggregated per kind and interval, so floods cannot fill the disk.
 //! - [`metrics`]: Prometheus metrics (per-relay registry, bounded labels).
 //! - [`registry`]: create / join / resume / finish / revoke.
 //! - [`supervisor`]: the per-session task that enforces deadlines.
 //! - [`ports`]: the public port pool with cooldown.
 //! - [`public`]: public listeners and visitor forwarding.
 //! - [`scanner`]: SSH ports wait for the client's `SSH-2.0-` line before bothering the agent.
+//! - [`rfb`]: VNC ports speak the RFB version exchange and wait for the viewer's reply first.
 //! - [`agent_endpoint`]: TLS accept and first-frame dispatch for agent connections.
 //! - [`preauth`]: pending-handshake limits per source address.
 //! - [`control`]: a registered agent's control link (heartbeats, finish, open/attach flow).
@@ -53,7 +55,9 @@ pub mod persist;
 pub mod ports;
 pub mod preauth;
 pub mod public;
+pub mod refusals;
 pub mod registry;
+pub mod rfb;
 pub mod scanner;
 pub mod session;
 pub mod shared;
@@ -227,6 +231,17 @@ pub async fn start(config: RelayConfig) -> Result<RelayHandle, RelayError> {
             .tasks
             .spawn(data_endpoint::serve(relay.clone(), listener));
     }
+    let owner = relay.clone();
+    relay.tasks.spawn(async move {
+        let interval = owner.config.refusal_summary_interval;
+        refusals::summarise(
+            &owner.refusals,
+            &owner.audit,
+            interval,
+            owner.cancel.clone(),
+        )
+        .await;
+    });
     let restored = relay.restore()?;
     if restored > 0 {
         tracing::info!(
@@ -240,28 +255,23 @@ pub async fn start(config: RelayConfig) -> Result<RelayHandle, RelayError> {
         agent_listener,
         acceptor,
     ));
-    let app = api::router(relay.clone());
-    let cancel = relay.cancel.clone();
-    relay.tasks.spawn(async move {
-        let app = app.into_make_service_with_connect_info::<SocketAddr>();
-        let served = axum::serve(api_listener, app)
-            .with_graceful_shutdown(cancel.cancelled_owned())
-            .await;
-        if let Err(e) = served {
-            tracing::error!(error = %e, "API server failed");
-        }
-    });
+    // Header timeout and connection cap per listener; see api::serve.
+    let limits = api::serve::ServeLimits::of(&relay.config);
+    relay.tasks.spawn(api::serve::serve(
+        api_listener,
+        api::router(relay.clone()),
+        limits,
+        relay.cancel.clone(),
+        "api",
+    ));
     if let Some(listener) = metrics_listener {
-        let app = api::health::router(relay.clone());
-        let cancel = relay.cancel.clone();
-        relay.tasks.spawn(async move {
-            let served = axum::serve(listener, app)
-                .with_graceful_shutdown(cancel.cancelled_owned())
-                .await;
-            if let Err(e) = served {
-                tracing::error!(error = %e, "metrics server failed");
-            }
-        });
+        relay.tasks.spawn(api::serve::serve(
+            listener,
+            api::health::router(relay.clone()),
+            limits,
+            relay.cancel.clone(),
+            "metrics",
+        ));
     }
     let info = StartupInfo {
         agent_addr,

@@ -144,6 +144,10 @@ pub struct Lifecycle {
     pub policy: LifetimePolicy,
     /// Visitor connections open now.
     pub visitors: usize,
+    /// Of those, the ones plausibly logged in (connected long enough, or reported logged in
+    /// by the agent's embedded SSH server): only they hold an
+    /// [`LifetimePolicy::ExtendWhileConnected`] session open.
+    pub holding: usize,
     /// An agent has joined (the join token is spent).
     pub joined: bool,
     /// Since when the agent link has been down (None while up, or before joining).
@@ -166,6 +170,7 @@ impl Lifecycle {
             resume_window: settings.resume_window,
             policy: settings.policy,
             visitors: 0,
+            holding: 0,
             joined: false,
             link_down_since: None,
             finish_deadline: None,
@@ -213,7 +218,7 @@ impl Lifecycle {
 
     /// Whether connected visitors currently suspend the grace deadline.
     fn held_open_by_visitors(&self) -> bool {
-        self.policy == LifetimePolicy::ExtendWhileConnected && self.visitors > 0
+        self.policy == LifetimePolicy::ExtendWhileConnected && self.holding > 0
     }
 
     /// The deadline users are told: `None` while the build runs and only the hard cap
@@ -228,12 +233,22 @@ impl Lifecycle {
         self.visitors += 1;
     }
 
-    /// A visitor connection closed. Under [`LifetimePolicy::ExtendWhileConnected`] the last
-    /// one leaving after the build finished starts a fresh grace. Returns whether the
-    /// deadline changed.
-    pub fn on_visitor_left(&mut self, now: SystemTime) -> bool {
+    /// A connected visitor is now plausibly logged in: it holds the session open.
+    pub fn on_visitor_holding(&mut self) {
+        self.holding = (self.holding + 1).min(self.visitors);
+    }
+
+    /// A visitor connection closed (`was_holding`: it had been counted by
+    /// [`Lifecycle::on_visitor_holding`]). Under [`LifetimePolicy::ExtendWhileConnected`]
+    /// the last holding visitor leaving after the build finished starts a fresh grace.
+    /// Returns whether the deadline changed.
+    pub fn on_visitor_left(&mut self, now: SystemTime, was_holding: bool) -> bool {
         self.visitors = self.visitors.saturating_sub(1);
-        if self.visitors > 0
+        if !was_holding {
+            return false;
+        }
+        self.holding = self.holding.saturating_sub(1);
+        if self.holding > 0
             || self.policy != LifetimePolicy::ExtendWhileConnected
             || self.revoked.is_some()
         {
@@ -349,9 +364,10 @@ mod tests {
         let mut l = fresh();
         l.on_join();
         l.on_visitor_joined();
+        l.on_visitor_holding();
         l.on_finish(t0());
         assert_eq!(l.deadline(), (t0() + 10 * MIN, RevokeReason::GraceEnded));
-        assert!(!l.on_visitor_left(t0() + 20 * MIN));
+        assert!(!l.on_visitor_left(t0() + 20 * MIN, true));
         assert_eq!(l.due(t0() + 10 * MIN), Some(RevokeReason::GraceEnded));
     }
 
@@ -360,17 +376,19 @@ mod tests {
         let mut l = with(LifetimePolicy::ExtendWhileConnected);
         l.on_join();
         l.on_visitor_joined();
+        l.on_visitor_holding();
         l.on_finish(t0());
         // Grace would end at +10 min; a connected visitor holds the session (hard cap only).
         assert_eq!(l.deadline(), (t0() + 180 * MIN, RevokeReason::HardCap));
         assert_eq!(l.due(t0() + 30 * MIN), None);
         l.on_visitor_joined();
+        l.on_visitor_holding();
         assert!(
-            !l.on_visitor_left(t0() + 40 * MIN),
+            !l.on_visitor_left(t0() + 40 * MIN, true),
             "one visitor still connected"
         );
         // The last visitor leaves at +60 min: a fresh grace from then.
-        assert!(l.on_visitor_left(t0() + 60 * MIN));
+        assert!(l.on_visitor_left(t0() + 60 * MIN, true));
         assert_eq!(l.deadline(), (t0() + 70 * MIN, RevokeReason::GraceEnded));
     }
 
@@ -379,9 +397,10 @@ mod tests {
         let mut l = with(LifetimePolicy::ExtendWhileConnected);
         l.on_join();
         l.on_visitor_joined();
+        l.on_visitor_holding();
         l.on_finish(t0());
         assert_eq!(l.due(t0() + 180 * MIN), Some(RevokeReason::HardCap));
-        l.on_visitor_left(t0() + 175 * MIN);
+        l.on_visitor_left(t0() + 175 * MIN, true);
         assert_eq!(l.deadline().0, t0() + 180 * MIN);
     }
 
@@ -390,8 +409,26 @@ mod tests {
         let mut l = with(LifetimePolicy::ExtendWhileConnected);
         l.on_join();
         l.on_visitor_joined();
-        assert!(!l.on_visitor_left(t0()));
+        l.on_visitor_holding();
+        assert!(!l.on_visitor_left(t0(), true));
         assert_eq!(l.finish_deadline, None);
+    }
+
+    #[test]
+    fn visitors_not_yet_holding_never_extend() {
+        // A stranger that connected but never logged in (not promoted) does not hold the
+        // session open, and its leaving starts no fresh grace.
+        let mut l = with(LifetimePolicy::ExtendWhileConnected);
+        l.on_join();
+        l.on_visitor_joined();
+        l.on_finish(t0());
+        assert_eq!(l.deadline(), (t0() + 10 * MIN, RevokeReason::GraceEnded));
+        assert_eq!(l.due(t0() + 10 * MIN), Some(RevokeReason::GraceEnded));
+        assert!(!l.on_visitor_left(t0() + 9 * MIN, false));
+        assert_eq!(l.deadline(), (t0() + 10 * MIN, RevokeReason::GraceEnded));
+        // Holding never exceeds the connected count.
+        l.on_visitor_holding();
+        assert_eq!(l.holding, 0);
     }
 
     #[test]

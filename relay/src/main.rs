@@ -167,10 +167,12 @@ async fn serve(config: RelayConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Serves until SIGTERM or SIGINT; SIGHUP reloads the TLS certificate and key.
+/// Serves until SIGTERM or SIGINT; SIGHUP reloads the TLS certificate and key, SIGUSR2
+/// reopens the audit log (rotation).
 async fn wait_for_signals(handle: &RelayHandle) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let mut usr2 = signal(SignalKind::user_defined2()).context("installing the SIGUSR2 handler")?;
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => return Ok(()),
@@ -178,6 +180,10 @@ async fn wait_for_signals(handle: &RelayHandle) -> anyhow::Result<()> {
             _ = hup.recv() => match handle.reload_tls() {
                 Ok(fingerprint) => tracing::info!(%fingerprint, "SIGHUP: new agent connections get the reloaded certificate"),
                 Err(e) => tracing::error!(error = %e, "SIGHUP: certificate reload failed; keeping the current one"),
+            },
+            _ = usr2.recv() => match handle.relay.audit.reopen() {
+                Ok(()) => tracing::info!("SIGUSR2: audit log reopened"),
+                Err(e) => tracing::error!(error = %e, "SIGUSR2: cannot reopen the audit log; still writing the old file"),
             },
         }
     }
@@ -229,9 +235,10 @@ Next steps:
        curl -s -H \"Authorization: Bearer $(cat {token})\" \\
          -d '{{\"build_id\":\"build-1\",\"app_id\":\"app-1\",\"services\":[\"ssh\"]}}' \\
          http://{api}/v1/sessions
-  2. On the build machine, with the join_token from the answer:
-       porthole-agent --relay {host}:{agent_port} {trust} \\
-         --token <join_token> --service ssh=127.0.0.1:22
+  2. On the build machine, with the join_token from the answer (in the environment, so it
+     stays out of `ps` and shell history):
+       PORTHOLE_TOKEN=<join_token> porthole-agent --relay {host}:{agent_port} {trust} \\
+         --service ssh=127.0.0.1:22
   3. Users get the remote access instructions (command, password, known_hosts line) with a
      user token the CI backend mints (try: porthole-relay mint-user-token --sub u1 --app-id app-1 --role developer):
        curl -s -H \"Authorization: Bearer <user token>\" http://{api}/v1/sessions/<session_id>/instructions

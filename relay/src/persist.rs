@@ -26,6 +26,7 @@ impl Relay {
             resume_hash: inner.resume_hash.map(hash_hex),
             pending_resume_hash: inner.pending_resume_hash.map(hash_hex),
             confirmed: inner.confirmed,
+            join_spent: inner.join_spent,
             allow_cidrs: session.guards.allow_cidrs().to_vec(),
             max_visitors: session.max_visitors,
             created_at_ms: 0,
@@ -56,7 +57,8 @@ impl Relay {
             // the last visitor leaving, which starts a fresh grace.
             if life.policy == LifetimePolicy::ExtendWhileConnected && life.revoked.is_none() {
                 life.on_visitor_joined();
-                life.on_visitor_left(now);
+                life.on_visitor_holding();
+                life.on_visitor_left(now, true);
             }
             if let Some((_, revoked_at)) = life.revoked {
                 let age = now.duration_since(revoked_at).unwrap_or_default();
@@ -137,6 +139,9 @@ impl Relay {
             inner.resume_hash = resume_hash;
             inner.pending_resume_hash = pending_resume_hash;
             inner.confirmed = r.confirmed;
+            // Records written before `join_spent` existed: a confirmed, joined session's
+            // token was spent then too.
+            inner.join_spent = r.join_spent || (r.joined && r.confirmed);
         }
         Ok(session)
     }

@@ -15,9 +15,12 @@ use tracing::Instrument;
 
 use crate::audit::AuditEvent;
 use crate::guards::VisitorRefusal;
+use crate::lifecycle::LifetimePolicy;
 use crate::limits::ACCEPT_ERROR_BACKOFF;
+use crate::refusals::RefusalKind;
+use crate::rfb;
 use crate::scanner::read_ssh_banner;
-use crate::session::{DataConn, DataStream, Session};
+use crate::session::{DataConn, DataStream, Session, VisitorGuard};
 use crate::shared::Relay;
 use crate::warm::Assignment;
 
@@ -69,19 +72,34 @@ struct Visit<'a> {
 }
 
 impl Visit<'_> {
+    /// Counts a refusal; writes it to the logs when it is the first of its kind lately
+    /// (repeats go into [`crate::refusals`]' summaries).
     fn refuse(&self, reason: VisitorRefusal) {
-        tracing::info!(peer = %self.peer, ?reason, "visitor refused");
         self.relay
             .metrics
             .refusals
             .with_label_values(&[reason.as_str()])
             .inc();
+        let source_ip = self.peer.ip().to_canonical();
+        let kind = RefusalKind::Visitor {
+            session_id: self.session.id.clone(),
+            service: self.service,
+            port: self.port,
+            source: Some(crate::preauth::source_key(source_ip)),
+            reason,
+        };
+        if !self.relay.refusals.note(kind) {
+            return;
+        }
+        tracing::info!(peer = %self.peer, ?reason, "visitor refused");
         self.relay.audit.record(AuditEvent::VisitorRefused {
             session_id: self.session.id.clone(),
             service: self.service,
             port: self.port,
-            source_ip: self.peer.ip().to_canonical(),
+            source_ip: Some(source_ip),
             reason,
+            count: 1,
+            summary_secs: None,
         });
     }
 }
@@ -111,28 +129,38 @@ async fn visitor(
     if !session.lock().life.accepts_visitors() {
         return visit.refuse(VisitorRefusal::AgentNotConnected);
     }
-    let early = match service {
-        Service::Ssh => {
-            // Until it shows it is an SSH client, a visitor holds a bounded slot.
-            let global = relay.pending_visitors.clone().try_acquire_owned();
-            let per_ip = relay.pending_visitors_per_ip.try_acquire(peer.ip());
-            let (Ok(_global), Some(_per_ip)) = (global, per_ip) else {
-                return visit.refuse(VisitorRefusal::TooManyPending);
-            };
-            match read_ssh_banner(&mut stream, relay.config.handshake_timeout).await {
-                Ok(bytes) => bytes,
-                Err(reason) => return visit.refuse(reason),
-            }
+    let early = {
+        // Until it completes its protocol's opening, a visitor holds a bounded slot
+        // (relay-wide and per source) and counts toward none of the session's caps.
+        let global = relay.pending_visitors.clone().try_acquire_owned();
+        let per_ip = relay.pending_visitors_per_ip.try_acquire(peer.ip());
+        let (Ok(_global), Some(_per_ip)) = (global, per_ip) else {
+            return visit.refuse(VisitorRefusal::TooManyPending);
+        };
+        let deadline = relay.config.visitor_handshake_timeout;
+        let opened = match service {
+            Service::Ssh => read_ssh_banner(&mut stream, deadline).await,
+            Service::Vnc => rfb::read_viewer_version(&mut stream, deadline).await,
+        };
+        match opened {
+            Ok(bytes) => bytes,
+            Err(reason) => return visit.refuse(reason),
         }
-        Service::Vnc => Vec::new(),
     };
-    let (link, _counted) = match session.admit_visitor() {
+    let per_source = relay.config.max_visitors_per_source;
+    let (link, counted) = match session.admit_visitor(peer.ip(), per_source) {
         Ok(admitted) => admitted,
         Err(reason) => return visit.refuse(reason),
     };
     if let Some((conn_id, data)) = warm_data_connection(&session, link.id, service).await {
         relay.metrics.pairings.with_label_values(&["warm"]).inc();
-        return forward_visitor(&visit, &link.cancel, stream, data, conn_id, &early).await;
+        let paired = Paired {
+            stream,
+            data,
+            conn_id,
+            counted,
+        };
+        return forward_visitor(&visit, &link.cancel, paired, &early).await;
     }
     let secret = Secret::generate("phc_");
     let (conn_id, rx) = session.register_open(&secret);
@@ -160,7 +188,13 @@ async fn visitor(
         () = link.cancel.cancelled() => return,
     };
     relay.metrics.pairings.with_label_values(&["cold"]).inc();
-    forward_visitor(&visit, &link.cancel, stream, data, conn_id, &early).await;
+    let paired = Paired {
+        stream,
+        data,
+        conn_id,
+        counted,
+    };
+    forward_visitor(&visit, &link.cancel, paired, &early).await;
 }
 
 /// A parked data connection of the agent's link `link_id`, assigned to this visitor, if one
@@ -192,15 +226,38 @@ async fn warm_data_connection(
     None
 }
 
+/// A visitor and the data connection it was paired with.
+struct Paired {
+    /// The visitor's connection.
+    stream: TcpStream,
+    /// The agent's data connection for it.
+    data: DataConn,
+    /// Its connection id.
+    conn_id: u64,
+    /// Counts it in the session while it lives.
+    counted: VisitorGuard,
+}
+
 /// Forwards a paired visitor until either side ends or the link is cancelled.
 async fn forward_visitor(
     visit: &Visit<'_>,
     cancel: &tokio_util::sync::CancellationToken,
-    mut stream: TcpStream,
-    data: DataConn,
-    conn_id: u64,
+    paired: Paired,
     early: &[u8],
 ) {
+    let Paired {
+        mut stream,
+        mut data,
+        conn_id,
+        counted,
+    } = paired;
+    if visit.service == Service::Vnc {
+        let deadline = visit.relay.config.open_timeout;
+        if let Err(e) = open_vnc_server(&mut data, early, deadline).await {
+            tracing::warn!(peer = %visit.peer, conn_id, error = %e, "VNC visitor closed");
+            return visit.refuse(VisitorRefusal::AgentFailed);
+        }
+    }
     let started = Instant::now();
     let source_ip = visit.peer.ip().to_canonical();
     let (session_id, service, port, peer) = (
@@ -228,8 +285,18 @@ async fn forward_visitor(
         port,
         source_ip,
     });
-    let mut stats = match forward_data(&mut stream, data, early, cancel, &visit.relay.metrics).await
-    {
+    let forward = forward_data(&mut stream, data, early, cancel, &visit.relay.metrics);
+    let held = hold_when_logged_in(visit, conn_id, &counted);
+    let result = {
+        tokio::pin!(forward);
+        tokio::select! {
+            result = &mut forward => result,
+            () = held => forward.await,
+        }
+    };
+    visit.session.forget_authenticated(conn_id);
+    drop(counted);
+    let mut stats = match result {
         Ok(stats) => stats,
         Err(e) if e.source.kind() == std::io::ErrorKind::Interrupted => {
             tracing::info!(%peer, conn_id, "visitor cut: session revoked or agent link lost");
@@ -261,6 +328,39 @@ async fn forward_visitor(
         bytes_out: stats.b_to_a,
         duration_secs,
     });
+}
+
+/// Consumes the VNC server's version line from a fresh data connection (the viewer already
+/// got the relay's, see [`crate::rfb`]).
+async fn open_vnc_server(
+    data: &mut DataConn,
+    viewer_reply: &[u8],
+    deadline: std::time::Duration,
+) -> Result<(), rfb::ServerVersionError> {
+    let prefix = &mut data.prefix;
+    match &mut data.stream {
+        DataStream::Tls(s) => {
+            rfb::consume_server_version(s.as_mut(), prefix, viewer_reply, deadline).await
+        }
+        DataStream::Tcp(s) => rfb::consume_server_version(s, prefix, viewer_reply, deadline).await,
+    }
+}
+
+/// Resolves once the visitor holds an `extend_while_connected` session open: when it has
+/// been connected `extend_min_visitor_age`, or the agent reported it logged in. Never
+/// resolves for other sessions.
+async fn hold_when_logged_in(visit: &Visit<'_>, conn_id: u64, counted: &VisitorGuard) {
+    let policy = visit.session.lock().life.policy;
+    if policy != LifetimePolicy::ExtendWhileConnected {
+        return std::future::pending().await;
+    }
+    let reported = visit.session.await_authenticated(conn_id);
+    let age = visit.relay.config.extend_min_visitor_age;
+    tokio::select! {
+        () = tokio::time::sleep(age) => {}
+        Ok(()) = reported => tracing::debug!(conn_id, "the agent reports the visitor logged in"),
+    }
+    counted.hold();
 }
 
 /// Forwards a visitor over its data connection, by data plane: the bytes the scanner filter

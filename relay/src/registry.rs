@@ -18,6 +18,7 @@ use crate::limits::CONTROL_QUEUE;
 use crate::persist::nonzero;
 use crate::session::{Link, Session, SessionSpec};
 use crate::shared::Relay;
+use crate::untrusted::valid_session_id;
 use crate::{public, supervisor};
 
 /// What the API asks for when it creates a session.
@@ -165,6 +166,12 @@ impl Relay {
         secret: &Secret,
         agent: &AgentOffer,
     ) -> Result<Registration, Refusal> {
+        if !valid_session_id(session_id) {
+            return Err((
+                ErrorCode::BadToken,
+                "malformed session id in the resume: it is `s_` and 20 hex digits".to_owned(),
+            ));
+        }
         let bad = || {
             (
                 ErrorCode::BadToken,
@@ -208,9 +215,10 @@ impl Relay {
                 format!("session {} was revoked: {}", session.id, reason.describe()),
             ));
         }
-        // A join token is spent once an agent confirmed a registration made with it; before
-        // that (the `registered` answer may have been lost) it may join again.
-        if !resume && inner.life.joined && inner.confirmed {
+        // A join token is spent for good once any registration of the session was confirmed
+        // (by join or resume); before that (the `registered` answer may have been lost) it
+        // may join again.
+        if !resume && inner.join_spent {
             return Err((ErrorCode::TokenUsed, format!(
                 "join token of session {} was already used by an agent; a reconnecting agent resumes with its resume secret",
                 session.id)));
@@ -231,6 +239,7 @@ impl Relay {
             tx,
             cancel: session.cancel.child_token(),
             park_hash: park_secret.hash(),
+            ip: agent.ip,
         };
         let resume_secret = Secret::generate("phr_");
         let before = (
@@ -295,6 +304,7 @@ impl Relay {
             inner.resume_hash = Some(pending);
         }
         inner.confirmed = true;
+        inner.join_spent = true;
         if let Err(e) = self.persist(session, &inner) {
             tracing::warn!(session_id = %session.id, error = %e, "cannot save the confirmed registration");
         }

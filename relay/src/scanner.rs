@@ -2,7 +2,7 @@
 //! (`SSH-2.0-...`, RFC 4253 §4.2), so the relay reads it, within a deadline and a byte
 //! bound, before asking the agent to open anything. Port scanners, HTTP probes and silent
 //! connections never reach the build machine. The bytes read are returned so they are
-//! forwarded, not lost. (VNC servers speak first, so VNC ports are not filtered.)
+//! forwarded, not lost. (VNC servers speak first: [`crate::rfb`] does the same for VNC ports.)
 
 use std::time::Duration;
 

@@ -2,6 +2,7 @@
 //! a data connection, and its warm data connections ([`WarmPool`]).
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -38,17 +39,44 @@ pub struct SessionSpec {
     pub max_visitors: usize,
 }
 
-/// Counts one visitor of a session while it lives; dropping it may start a fresh grace
-/// (see [`crate::lifecycle::LifetimePolicy::ExtendWhileConnected`]).
+/// Counts one visitor of a session while it lives (toward `max_visitors` and its source's
+/// cap); once [`VisitorGuard::hold`] was called it also holds an
+/// [`crate::lifecycle::LifetimePolicy::ExtendWhileConnected`] session open, and dropping it
+/// may then start a fresh grace.
 #[derive(Debug)]
 pub struct VisitorGuard {
     /// The session counted in.
     session: Arc<Session>,
+    /// The visitor's source key (IPv4 address, IPv6 /64).
+    source: IpAddr,
+    /// Whether the visitor holds the session open (plausibly logged in).
+    holding: AtomicBool,
+}
+
+impl VisitorGuard {
+    /// The visitor is plausibly logged in (connected long enough, or reported logged in by
+    /// the agent): from now on it holds the session open. Idempotent.
+    pub fn hold(&self) {
+        if !self.holding.swap(true, Ordering::Relaxed) {
+            self.session.lock().life.on_visitor_holding();
+            self.session.changed.notify_one();
+        }
+    }
 }
 
 impl Drop for VisitorGuard {
     fn drop(&mut self) {
-        let changed = self.session.lock().life.on_visitor_left(SystemTime::now());
+        let holding = self.holding.load(Ordering::Relaxed);
+        let changed = {
+            let mut inner = self.session.lock();
+            if let Some(n) = inner.sources.get_mut(&self.source) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    inner.sources.remove(&self.source);
+                }
+            }
+            inner.life.on_visitor_left(SystemTime::now(), holding)
+        };
         if changed {
             self.session.deadline_moved.store(true, Ordering::Relaxed);
             self.session.changed.notify_one();
@@ -86,6 +114,9 @@ pub struct Link {
     pub cancel: CancellationToken,
     /// Hash of this link's `park_secret` (warm data connections).
     pub park_hash: SecretHash,
+    /// The agent's address on this link (data connections on the plain-TCP data port must
+    /// come from it).
+    pub ip: IpAddr,
 }
 
 /// What changes under the session lock.
@@ -101,11 +132,16 @@ pub struct SessionInner {
     /// got it (its first frame on the new link). Both it and `resume_hash` are accepted
     /// meanwhile, so a lost `registered` never locks the agent out.
     pub pending_resume_hash: Option<SecretHash>,
-    /// Whether the agent confirmed its latest registration. Until the first confirmation the
-    /// join token stays usable (while no agent is connected).
+    /// Whether the agent confirmed its latest registration.
     pub confirmed: bool,
+    /// Whether any registration of this session was ever confirmed: from then on the join
+    /// token is refused for good (persisted). Until then it stays usable while no agent is
+    /// connected, so a lost `registered` answer never locks the first agent out.
+    pub join_spent: bool,
     /// Credentials and host keys from the agent (memory only; dropped at revocation).
     pub access: Option<Access>,
+    /// Connected visitors per source key (for `max_visitors_per_source`).
+    pub sources: HashMap<IpAddr, usize>,
 }
 
 /// A visitor waiting for the agent's data connection.
@@ -142,6 +178,9 @@ pub struct Session {
     inner: Mutex<SessionInner>,
     /// Visitors waiting for a data connection, by connection id.
     pending: Mutex<HashMap<u64, PendingOpen>>,
+    /// Forwarded visitors waiting for the agent to report them logged in, by connection id
+    /// (at most one per connected visitor).
+    auth_waiters: Mutex<HashMap<u64, oneshot::Sender<()>>>,
     /// Warm data connections.
     pub warm: WarmPool,
     /// Next connection id (and link id).
@@ -171,9 +210,12 @@ impl Session {
                 resume_hash: None,
                 pending_resume_hash: None,
                 confirmed: false,
+                join_spent: false,
                 access: None,
+                sources: HashMap::new(),
             }),
             pending: Mutex::new(HashMap::new()),
+            auth_waiters: Mutex::new(HashMap::new()),
             warm: WarmPool::default(),
             next_id: AtomicU64::new(1),
             had_visitor: AtomicBool::new(false),
@@ -181,9 +223,15 @@ impl Session {
         }
     }
 
-    /// Admits a visitor that passed the guards: the agent must be connected and the session
-    /// under its visitor cap. The returned guard counts the visitor until dropped.
-    pub fn admit_visitor(self: &Arc<Self>) -> Result<(Link, VisitorGuard), VisitorRefusal> {
+    /// Admits a visitor from `ip` that passed the guards and its protocol's opening: the
+    /// agent must be connected, the session under its visitor cap and the source under
+    /// `per_source`. The returned guard counts the visitor until dropped.
+    pub fn admit_visitor(
+        self: &Arc<Self>,
+        ip: IpAddr,
+        per_source: usize,
+    ) -> Result<(Link, VisitorGuard), VisitorRefusal> {
+        let source = crate::preauth::source_key(ip.to_canonical());
         let mut inner = self.lock();
         let link = inner
             .link
@@ -193,13 +241,51 @@ impl Session {
         if inner.life.visitors >= self.max_visitors {
             return Err(VisitorRefusal::TooManyVisitors);
         }
+        let from_source = inner.sources.entry(source).or_insert(0);
+        if *from_source >= per_source {
+            return Err(VisitorRefusal::TooManyFromSource);
+        }
+        *from_source += 1;
         inner.life.on_visitor_joined();
         Ok((
             link,
             VisitorGuard {
                 session: self.clone(),
+                source,
+                holding: AtomicBool::new(false),
             },
         ))
+    }
+
+    /// Waits for the agent to report visitor `conn_id` logged in
+    /// ([`Session::report_authenticated`]); the entry goes with [`Session::forget_authenticated`].
+    pub fn await_authenticated(&self, conn_id: u64) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        self.auth_waiters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(conn_id, tx);
+        rx
+    }
+
+    /// The agent reports visitor `conn_id` logged in (unknown ids are ignored).
+    pub fn report_authenticated(&self, conn_id: u64) {
+        let waiter = self
+            .auth_waiters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&conn_id);
+        if let Some(tx) = waiter {
+            let _ = tx.send(());
+        }
+    }
+
+    /// Visitor `conn_id` ended: no report is awaited any more.
+    pub fn forget_authenticated(&self, conn_id: u64) {
+        self.auth_waiters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&conn_id);
     }
 
     /// Locks the mutable part. A poisoned lock is taken over: the data is plain facts.
@@ -305,8 +391,20 @@ impl Session {
         (conn_id, rx)
     }
 
-    /// Takes the waiting visitor `conn_id` if `secret` is its one-time secret.
-    pub fn take_open(&self, conn_id: u64, secret: &Secret) -> Option<oneshot::Sender<DataConn>> {
+    /// Takes the waiting visitor `conn_id` if `secret` is its one-time secret (and, with
+    /// `from` set, the data connection comes from the control link's address).
+    pub fn take_open(
+        &self,
+        conn_id: u64,
+        secret: &Secret,
+        from: Option<IpAddr>,
+    ) -> Option<oneshot::Sender<DataConn>> {
+        if let Some(ip) = from {
+            let link_ip = self.lock().link.as_ref().map(|l| l.ip);
+            if link_ip != Some(ip.to_canonical()) {
+                return None;
+            }
+        }
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
         if !pending
             .get(&conn_id)

@@ -18,6 +18,7 @@ use crate::audit::AuditLog;
 use crate::config::RelayConfig;
 use crate::metrics::Metrics;
 use crate::ports::PortPool;
+use crate::refusals::RefusalLog;
 use crate::session::Session;
 use crate::store::Store;
 use crate::user_token::UserTokens;
@@ -84,6 +85,8 @@ pub struct Relay {
     pub pending_visitors: Arc<tokio::sync::Semaphore>,
     /// Visitors still proving they are SSH clients, per source.
     pub pending_visitors_per_ip: Arc<PerIpLimit>,
+    /// Refusals counted for aggregated logging.
+    pub refusals: RefusalLog,
     /// Every spawned task, so shutdown can wait for them.
     pub tasks: TaskTracker,
 }
@@ -118,6 +121,7 @@ impl Relay {
             data_port: std::sync::OnceLock::new(),
             pending_visitors: Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_VISITORS)),
             pending_visitors_per_ip: PerIpLimit::new(MAX_PENDING_VISITORS_PER_IP),
+            refusals: RefusalLog::default(),
             tasks: TaskTracker::new(),
         }
     }

@@ -51,6 +51,9 @@ pub struct StoredSession {
     /// Whether the agent confirmed its latest registration.
     #[serde(default = "yes")]
     pub confirmed: bool,
+    /// Whether any registration was ever confirmed: the join token is refused for good.
+    #[serde(default)]
+    pub join_spent: bool,
     /// Allowed sources.
     pub allow_cidrs: Vec<IpNet>,
     /// Concurrent visitor cap.
@@ -115,6 +118,7 @@ impl StoredSession {
             resume_window: Duration::from_millis(self.resume_window_ms),
             policy: self.policy,
             visitors: 0,
+            holding: 0,
             joined: self.joined,
             link_down_since: (self.joined && self.revoked.is_none()).then_some(now),
             finish_deadline: self.finish_deadline_ms.map(from_ms),
@@ -245,6 +249,7 @@ mod tests {
             resume_hash: None,
             pending_resume_hash: None,
             confirmed: false,
+            join_spent: false,
             allow_cidrs: vec![],
             max_visitors: 16,
             created_at_ms: 0,

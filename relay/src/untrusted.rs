@@ -9,6 +9,9 @@ use std::fmt;
 /// Characters of peer text shown in a log line; the rest is summarised as a count.
 pub const MAX_LOGGED_CHARS: usize = 64;
 
+/// Characters shown of a message that embeds peer text (a refusal's explanation).
+pub const MAX_LOGGED_MESSAGE_CHARS: usize = 512;
+
 /// Length of a session id: `s_` and 20 lowercase hex digits.
 const SESSION_ID_LEN: usize = 22;
 
@@ -17,20 +20,36 @@ const SESSION_ID_LEN: usize = 22;
 #[derive(Clone, Copy, Debug)]
 pub struct Untrusted<'a>(pub &'a str);
 
+/// A message that embeds peer text (e.g. a refusal quoting a field): escaped like
+/// [`Untrusted`], at most [`MAX_LOGGED_MESSAGE_CHARS`] characters.
+#[derive(Clone, Copy, Debug)]
+pub struct UntrustedMessage<'a>(pub &'a str);
+
 impl fmt::Display for Untrusted<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut chars = self.0.chars();
-        for c in chars.by_ref().take(MAX_LOGGED_CHARS) {
-            // escape_debug leaves printable non-ASCII alone but escapes control characters
-            // (newline, ESC, NUL, ...) and quotes.
-            write!(f, "{}", c.escape_debug())?;
-        }
-        let rest = chars.count();
-        if rest > 0 {
-            write!(f, "…(+{rest} chars)")?;
-        }
-        Ok(())
+        escaped(f, self.0, MAX_LOGGED_CHARS)
     }
+}
+
+impl fmt::Display for UntrustedMessage<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        escaped(f, self.0, MAX_LOGGED_MESSAGE_CHARS)
+    }
+}
+
+/// Writes `text` escaped, at most `limit` characters of it, then `…(+N chars)`.
+fn escaped(f: &mut fmt::Formatter<'_>, text: &str, limit: usize) -> fmt::Result {
+    let mut chars = text.chars();
+    for c in chars.by_ref().take(limit) {
+        // escape_debug leaves printable non-ASCII alone but escapes control characters
+        // (newline, ESC, NUL, ...) and quotes.
+        write!(f, "{}", c.escape_debug())?;
+    }
+    let rest = chars.count();
+    if rest > 0 {
+        write!(f, "…(+{rest} chars)")?;
+    }
+    Ok(())
 }
 
 /// Whether `id` has the shape of a session id this relay issues (`s_` + 20 lowercase hex).

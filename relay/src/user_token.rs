@@ -4,6 +4,11 @@
 //! Verification uses `jsonwebtoken` with HS256 as the only algorithm (so `none` and every
 //! other algorithm are refused), requires `exp` and `sub`, honours `nbf`, and allows a small
 //! clock leeway.
+//!
+//! Roles are compared after normalisation ([`roles`]: NFKC, invisible characters dropped,
+//! case folding, trimming), so a look-alike spelling of a denied role is that role.
+
+mod roles;
 
 use std::fs;
 use std::path::Path;
@@ -13,9 +18,13 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
 use crate::error::RelayError;
+pub use roles::{is_default_ignorable, normalize_role, RoleDecision, RolePolicy};
 
 /// Clock skew tolerated on `exp` and `nbf`.
 pub const LEEWAY_SECS: u64 = 30;
+
+/// Characters kept of a verification error (it may quote peer text).
+pub const MAX_ERROR_CHARS: usize = 200;
 
 /// Shortest secret accepted: HS256 wants a key at least as long as its output.
 pub const MIN_SECRET_LEN: usize = 32;
@@ -71,8 +80,8 @@ pub struct UserTokens {
     key: DecodingKey,
     /// Algorithm, claims and leeway rules.
     validation: Validation,
-    /// Roles refused, lowercase.
-    denied_roles: Vec<String>,
+    /// Roles refused (normalised), no allowlist.
+    denied_roles: RolePolicy,
 }
 
 impl std::fmt::Debug for UserTokens {
@@ -98,35 +107,36 @@ impl UserTokens {
         Self {
             key: DecodingKey::from_secret(secret),
             validation: validation(),
-            denied_roles: denied_roles.iter().map(|r| normalize_role(r)).collect(),
+            denied_roles: RolePolicy::new(denied_roles, &[]),
         }
     }
 
     /// Checks signature, algorithm, expiry and claims. The error says what was wrong, for a
-    /// 401 answer.
+    /// 401 answer and the audit log; it may quote the (unauthenticated) token header, so it
+    /// is cut to [`MAX_ERROR_CHARS`].
     pub fn verify(&self, token: &str) -> Result<UserClaims, String> {
         jsonwebtoken::decode::<UserClaims>(token, &self.key, &self.validation)
             .map(|data| data.claims)
-            .map_err(|e| format!("invalid user token: {e}"))
+            .map_err(|e| {
+                let mut message = format!("invalid user token: {e}");
+                if let Some((cut, _)) = message.char_indices().nth(MAX_ERROR_CHARS) {
+                    message.truncate(cut);
+                    message.push('…');
+                }
+                message
+            })
     }
 
-    /// The first of the claims' roles that is denied, if any (case- and
-    /// surrounding-space-insensitive). A token naming no role at all is denied too: access
-    /// must never depend on a claim being absent.
+    /// The first of the claims' roles that is denied, if any (compared after
+    /// [`normalize_role`]). A token naming no role at all is denied too (`Some("")`): access
+    /// must never depend on a claim being absent. The instructions endpoint applies a
+    /// [`RolePolicy`] with the allowlist as well.
     pub fn denied_role<'a>(&self, claims: &'a UserClaims) -> Option<&'a str> {
-        if claims.role.iter().all(|r| r.trim().is_empty()) {
-            return Some("");
+        match self.denied_roles.decide(claims.role.iter()) {
+            RoleDecision::Denied(role) => Some(role),
+            RoleDecision::Allowed | RoleDecision::NotAllowed => None,
         }
-        claims
-            .role
-            .iter()
-            .find(|r| self.denied_roles.contains(&normalize_role(r)))
     }
-}
-
-/// How roles are compared: surrounding spaces dropped, lowercase.
-fn normalize_role(role: &str) -> String {
-    role.trim().to_lowercase()
 }
 
 /// Signs a user token (for `porthole-relay mint-user-token` and tests).
@@ -170,6 +180,7 @@ pub fn load_or_create_secret(path: &Path) -> Result<(Vec<u8>, bool), RelayError>
                     path.display()
                 )));
             }
+            crate::bootstrap::warn_if_loose(path, "user token secret");
             Ok((secret, false))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -242,6 +253,17 @@ mod tests {
     }
 
     #[test]
+    fn errors_quoting_a_huge_header_are_cut() {
+        use base64::Engine as _;
+        let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        let header = format!(r#"{{"alg":"{}","typ":"JWT"}}"#, "A".repeat(50_000));
+        let token = format!("{}.{}.sig", b64(&header), b64(r#"{"sub":"u"}"#));
+        let err = tokens().verify(&token).err().unwrap_or_default();
+        assert!(err.starts_with("invalid user token"), "{err}");
+        assert!(err.chars().count() <= MAX_ERROR_CHARS + 1, "{}", err.len());
+    }
+
+    #[test]
     fn padded_roles_and_tokens_without_roles_are_denied() {
         let base = UserClaims {
             sub: "u".into(),
@@ -255,6 +277,13 @@ mod tests {
             tokens().denied_role(&base).is_some(),
             "surrounding spaces do not hide a role"
         );
+        for spelling in ["ＱＡ", "qa\u{200b}", "\u{feff}qa"] {
+            let look_alike = UserClaims {
+                role: Roles::Many(vec!["developer".into(), spelling.into()]),
+                ..base.clone()
+            };
+            assert_eq!(tokens().denied_role(&look_alike), Some(spelling));
+        }
         let none = UserClaims {
             role: Roles::Many(vec![]),
             ..base.clone()

@@ -17,6 +17,7 @@ use tokio_util::codec::Framed;
 use crate::agent_endpoint::refuse;
 use crate::session::{DataConn, DataStream};
 use crate::shared::Relay;
+use crate::untrusted::Untrusted;
 
 /// Warm data connections one session may hold (agents keep at most 8; this leaves room for
 /// connections of a link that just ended, and bounds a misbehaving agent).
@@ -116,6 +117,7 @@ impl WarmPool {
 /// that crossed): the relay then forgets it and closes it.
 pub async fn run<S>(
     relay: &Relay,
+    peer: std::net::IpAddr,
     mut framed: Framed<S, MessageCodec>,
     session_id: &str,
     secret: &Secret,
@@ -134,15 +136,21 @@ pub async fn run<S>(
             let (code, msg) = match why {
                 ParkRefusal::BadSecret => (
                     ErrorCode::BadToken,
-                    format!("park refused: session `{session_id}` has no link with that park secret"),
+                    format!(
+                        "park refused: session `{}` has no link with that park secret",
+                        Untrusted(session_id)
+                    ),
                 ),
                 ParkRefusal::Full => (
                     ErrorCode::UnexpectedMessage,
-                    format!("park refused: session `{session_id}` already holds {MAX_PARKED} warm connections"),
+                    format!(
+                        "park refused: session `{}` already holds {MAX_PARKED} warm connections",
+                        Untrusted(session_id)
+                    ),
                 ),
             };
             relay.metrics.handshake_failed(code.as_str());
-            refuse(&mut framed, code, msg).await;
+            refuse(relay, peer, &mut framed, code, msg).await;
             return;
         }
         (None, Ok(_)) => return,

@@ -227,6 +227,7 @@ async fn get_shows_the_session_and_list_shows_all() -> Result<()> {
         "created_at",
         "lifetime_policy",
         "visitors",
+        "visitors_holding",
         "allow_cidrs",
     ]
     .into();

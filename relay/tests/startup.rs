@@ -276,6 +276,17 @@ fn first_start_creates_cert_and_token_and_restart_keeps_them() -> Result<()> {
         agent_command.contains(&format!("--pin-sha256 {fingerprint}")),
         "{agent_command}"
     );
+    // The join token goes in the environment, never as an argument (it would show in `ps`).
+    assert!(
+        agent_command
+            .trim_start()
+            .starts_with("PORTHOLE_TOKEN=<join_token> porthole-agent"),
+        "{agent_command}"
+    );
+    assert!(
+        !text.contains("--token"),
+        "the banner passes the token as a flag:\n{text}"
+    );
 
     // The API the banner announces takes the token from the file, and only it.
     let url = format!("{}/v1/sessions", banner_value(&banner, "HTTP API")?);
@@ -290,8 +301,24 @@ fn first_start_creates_cert_and_token_and_restart_keeps_them() -> Result<()> {
     let fingerprint = fingerprint.to_owned();
     drop(relay);
 
+    // Secret files readable by others are warned about at start.
+    for name in ["admin.token", "user-token.secret"] {
+        fs::set_permissions(dir.data.join(name), fs::Permissions::from_mode(0o644))?;
+    }
     // Restart on the same data dir: same certificate, same token, nothing new.
-    let (_relay, banner) = start_with_flags(&dir, common::port_range(10))?;
+    let (relay, banner) = start_with_flags(&dir, common::port_range(10))?;
+    for what in ["admin token", "user token secret"] {
+        let warning = format!("{what} file is readable by other users");
+        let deadline = std::time::Instant::now() + PROCESS_WAIT;
+        while !relay.stderr().contains(&warning) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        assert!(
+            relay.stderr().contains(&warning),
+            "no `{warning}` warning:\n{}",
+            relay.stderr()
+        );
+    }
     let text = banner.join("\n");
     assert_eq!(banner_value(&banner, "SHA-256")?, fingerprint, "{text}");
     assert_eq!(

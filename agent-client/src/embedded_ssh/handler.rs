@@ -10,6 +10,7 @@ use russh::{Channel, ChannelId, ChannelOpenFailure, MethodSet};
 use tokio::sync::Semaphore;
 
 use super::process::Request;
+use super::report::LoginReport;
 use super::{forward, session, sftp, Shared};
 
 /// Session channels (shells, commands, SFTP) one connection may hold open, as OpenSSH's
@@ -27,14 +28,17 @@ pub struct Connection {
     env: HashMap<ChannelId, Request>,
     sessions: Arc<Semaphore>,
     forwards: Arc<Semaphore>,
+    /// Sent at the first successful login, if the relay takes such reports.
+    login: Option<LoginReport>,
 }
 
 impl Connection {
-    /// A handler for a new connection.
-    pub fn new(shared: Arc<Shared>, methods: MethodSet) -> Self {
+    /// A handler for a new connection; `login` is sent once the client logs in.
+    pub fn new(shared: Arc<Shared>, methods: MethodSet, login: Option<LoginReport>) -> Self {
         Self {
             shared,
             methods,
+            login,
             env: HashMap::new(),
             sessions: Arc::new(Semaphore::new(MAX_SESSIONS)),
             forwards: Arc::new(Semaphore::new(MAX_FORWARDS)),
@@ -89,6 +93,9 @@ impl russh::server::Handler for Connection {
 
     async fn auth_succeeded(&mut self, _session: &mut Session) -> Result<(), Self::Error> {
         self.shared.logged_in.cancel();
+        if let Some(login) = self.login.take() {
+            login.send();
+        }
         Ok(())
     }
 

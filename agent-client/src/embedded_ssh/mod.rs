@@ -12,6 +12,7 @@
 //! - [`sftp`]: the SFTP subsystem (`sftp`, OpenSSH's `scp`).
 //! - [`forward`]: `ssh -L` to services on the build machine.
 //! - [`cut`]: a stream that fails once the connection must end.
+//! - [`report`]: telling the relay that a visitor logged in.
 //!
 //! Everything runs as the agent's user; nothing changes privileges.
 
@@ -20,6 +21,7 @@ pub mod exec;
 pub mod forward;
 pub mod handler;
 pub mod process;
+pub mod report;
 pub mod session;
 pub mod settings;
 pub mod sftp;
@@ -34,6 +36,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use report::LoginReport;
 pub use settings::{Options, Settings};
 
 /// How often an idle client is asked whether it is still there.
@@ -107,9 +110,15 @@ impl EmbeddedSsh {
     }
 
     /// Serves one SSH connection on `stream` until the client leaves or `cancel` fires;
-    /// then hangs up every process the connection started.
-    pub async fn serve<S>(&self, stream: S, cancel: &CancellationToken, tasks: &TaskTracker)
-    where
+    /// then hangs up every process the connection started. `login`, when given, is sent
+    /// once the client logs in.
+    pub async fn serve<S>(
+        &self,
+        stream: S,
+        cancel: &CancellationToken,
+        tasks: &TaskTracker,
+        login: Option<LoginReport>,
+    ) where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let shared = Arc::new(Shared {
@@ -118,7 +127,7 @@ impl EmbeddedSsh {
             cancel: cancel.child_token(),
             logged_in: CancellationToken::new(),
         });
-        let handler = handler::Connection::new(shared.clone(), self.config.methods.clone());
+        let handler = handler::Connection::new(shared.clone(), self.config.methods.clone(), login);
         // Whatever happens below, the connection ends with this function.
         let cut = CancellationToken::new();
         let _cut_at_end = cut.clone().drop_guard();

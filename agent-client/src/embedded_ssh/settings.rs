@@ -69,6 +69,10 @@ impl std::fmt::Debug for Settings {
 impl Settings {
     /// Generates the password and host key and reads the authorized keys.
     pub fn generate(options: &Options) -> Result<Self, String> {
+        // Checked where the flag is read too; again here so no other caller can hand the
+        // server (and `USER`/`LOGNAME` of its sessions) a name outside the rule.
+        porthole_protocol::username::validate_username(&options.username)
+            .map_err(|e| format!("embedded SSH user {:?} refused: {e}", options.username))?;
         let authorized_keys = match &options.authorized_keys {
             Some(path) => read_authorized_keys(path)?,
             None => Vec::new(),
@@ -235,6 +239,18 @@ mod tests {
         assert!(a.host_key_line()?.starts_with("ssh-ed25519 "));
         assert_ne!(a.host_key_line()?, b.host_key_line()?);
         Ok(())
+    }
+
+    #[test]
+    fn user_names_outside_the_rule_are_refused() {
+        for bad in ["$(touch /tmp/x)dev", "a b", "-oProxyCommand=nc", ""] {
+            let options = Options {
+                username: bad.into(),
+                ..Options::default()
+            };
+            let err = Settings::generate(&options).err().unwrap_or_default();
+            assert!(err.contains("POSIX-portable"), "{bad:?}: {err}");
+        }
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Shared harness for the end-to-end tests: an in-process relay ([`relay`]), the real agent
 //! binary ([`agent`]), a TCP proxy that can cut the agent's link ([`proxy`]), a TCP echo
-//! service ([`echo`]), and real OpenSSH / TigerVNC peers ([`peers`]).
+//! service ([`echo`]), a fake agent speaking the protocol ([`raw`]), and real OpenSSH / TigerVNC peers ([`peers`]).
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
@@ -8,6 +8,7 @@ pub mod agent;
 pub mod echo;
 pub mod peers;
 pub mod proxy;
+pub mod raw;
 pub mod relay;
 pub mod relay_process;
 

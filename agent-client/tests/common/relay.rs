@@ -207,8 +207,22 @@ impl TestRelay {
     }
 
     /// Opens a TCP connection to 127.0.0.1:`port` from the local address `source` (any
-    /// 127.0.0.0/8 address works on Linux loopback), as a blocking std stream.
+    /// 127.0.0.0/8 address works on Linux loopback), as a blocking std stream, and sends an
+    /// SSH client's identification line.
     pub fn connect_from(
+        &self,
+        source: std::net::IpAddr,
+        port: u16,
+    ) -> anyhow::Result<std::net::TcpStream> {
+        let mut stream = self.connect_silent_from(source, port)?;
+        // Speak first like an SSH client: the relay's scanner filter waits for this on SSH
+        // ports (the echo services swallow it).
+        std::io::Write::write_all(&mut stream, super::echo::SSH_HELLO)?;
+        Ok(stream)
+    }
+
+    /// Like [`TestRelay::connect_from`], sending nothing.
+    pub fn connect_silent_from(
         &self,
         source: std::net::IpAddr,
         port: u16,
@@ -231,11 +245,8 @@ impl TestRelay {
                 })?
             })
             .with_context(|| format!("connecting to 127.0.0.1:{port} from {source}"))?;
-        let mut stream = stream.into_std()?;
+        let stream = stream.into_std()?;
         stream.set_nonblocking(false)?;
-        // Speak first like an SSH client: the relay's scanner filter waits for this on SSH
-        // ports (the echo services swallow it).
-        std::io::Write::write_all(&mut stream, super::echo::SSH_HELLO)?;
         Ok(stream)
     }
 

@@ -66,6 +66,16 @@ impl RelaySetup {
 
     /// Starts the relay with extra flags and waits for its banner.
     pub fn start_with(&self, extra: &[&str]) -> anyhow::Result<RelayProcess> {
+        self.start_logged(extra, None)
+    }
+
+    /// Starts the relay with extra flags, its log (stderr) going to `log` when given, and
+    /// waits for its banner.
+    pub fn start_logged(&self, extra: &[&str], log: Option<&Path>) -> anyhow::Result<RelayProcess> {
+        let stderr = match log {
+            Some(path) => Stdio::from(std::fs::File::create(path)?),
+            None => Stdio::null(),
+        };
         let mut child = Command::new(binary()?)
             .arg("--data-dir")
             .arg(self.data.path())
@@ -77,7 +87,7 @@ impl RelaySetup {
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .context("starting porthole-relay")?;
         let out = child.stdout.take().context("relay stdout")?;

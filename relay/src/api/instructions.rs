@@ -1,6 +1,12 @@
 //! `GET /v1/sessions/{id}/instructions`: the remote access instructions a developer opens
 //! after "Rebuild with Remote Access". Takes a user token (HS256 JWT), never the admin token;
-//! users whose role is in `denied_roles` (Testers/QA by default) never get them.
+//! users whose role is in `denied_roles` (Testers/QA by default) never get them, and when
+//! `allowed_roles` is set only users with one of those roles do.
+//!
+//! Order of checks: token (401), role (403, decided before the session is looked up, so a
+//! denied user cannot probe which ids exist), id shape and session (404, the same answer
+//! for a malformed id as for an unknown one), the token's app (403). A malformed id is never
+//! echoed into the answer or the audit log.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -9,21 +15,31 @@ use axum::extract::{ConnectInfo, Path, State};
 use axum::http::header::{AUTHORIZATION, CACHE_CONTROL};
 use axum::http::{HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use axum::Json;
 use porthole_protocol::Service;
 use serde::Serialize;
 
 use super::error::ApiError;
-use super::sessions::rfc3339;
+use super::sessions::{rfc3339, NO_SESSION};
+use super::shell::ssh_command;
 use crate::access::Access;
 use crate::audit::AuditEvent;
 use crate::lifecycle::{LifetimePolicy, SessionState};
 use crate::session::Session;
 use crate::shared::Relay;
-use crate::user_token::UserClaims;
+use crate::untrusted::valid_session_id;
+use crate::user_token::{RoleDecision, RolePolicy, UserClaims};
 
 /// The message for denied roles, word for word.
 pub const DENIED_ROLE_MESSAGE: &str = "Users with the Testers/QA role cannot use remote access";
+
+/// The message when `allowed_roles` is set and names none of the token's roles.
+pub const NOT_ALLOWED_ROLE_MESSAGE: &str =
+    "Your role on this app is not allowed remote access (ask an admin of the app)";
+
+/// The audit log's `session_id` for a path id that is not a session id's shape.
+pub const MALFORMED_ID: &str = "(malformed)";
 
 /// SSH part of the instructions.
 #[derive(Debug, Serialize)]
@@ -87,12 +103,19 @@ fn no_store(mut resp: Response) -> Response {
 /// The handler.
 pub async fn instructions(
     State(relay): State<Arc<Relay>>,
+    Extension(roles): Extension<Arc<RolePolicy>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
     let source_ip = peer.ip().to_canonical();
-    let result = serve(&relay, &id, &headers);
+    let result = serve(&relay, &roles, &id, &headers);
+    // Only ids of the issued shape reach the audit log; anything else is a placeholder.
+    let id = if valid_session_id(&id) {
+        id
+    } else {
+        MALFORMED_ID.to_owned()
+    };
     match result {
         Ok((answer, claims)) => {
             relay
@@ -134,6 +157,7 @@ type Denied = Box<(ApiError, Option<UserClaims>)>;
 
 fn serve(
     relay: &Relay,
+    roles: &RolePolicy,
     id: &str,
     headers: &HeaderMap,
 ) -> Result<(Instructions, UserClaims), Denied> {
@@ -154,18 +178,21 @@ fn serve(
         .verify(token)
         .map_err(|e| Box::new((ApiError::unauthorized(e), None)))?;
     let deny = |e: ApiError| Box::new((e, Some(claims.clone())));
-    let session = relay
-        .sessions
-        .get(id)
-        .map(|s| s.value().clone())
-        .ok_or_else(|| deny(ApiError::not_found(format!("no session `{id}`"))))?;
+    match roles.decide(claims.role.iter()) {
+        RoleDecision::Allowed => {}
+        RoleDecision::Denied(_) => return Err(deny(ApiError::forbidden(DENIED_ROLE_MESSAGE))),
+        RoleDecision::NotAllowed => {
+            return Err(deny(ApiError::forbidden(NOT_ALLOWED_ROLE_MESSAGE)))
+        }
+    }
+    let session = valid_session_id(id)
+        .then(|| relay.sessions.get(id).map(|s| s.value().clone()))
+        .flatten()
+        .ok_or_else(|| deny(ApiError::not_found(NO_SESSION)))?;
     if claims.app_id != session.app_id {
         return Err(deny(ApiError::forbidden(
             "this user token is for another app",
         )));
-    }
-    if relay.user_tokens.denied_role(&claims).is_some() {
-        return Err(deny(ApiError::forbidden(DENIED_ROLE_MESSAGE)));
     }
     let answer = build(&session).map_err(deny)?;
     Ok((answer, claims))
@@ -209,12 +236,8 @@ fn login(access: &Access, service: Service) -> (Option<String>, Option<String>) 
 
 fn ssh(access: &Access, host: &str, port: u16) -> SshInstructions {
     let (username, password) = login(access, Service::Ssh);
-    let target = match &username {
-        Some(user) => format!("{user}@{host}"),
-        None => host.to_owned(),
-    };
     SshInstructions {
-        command: format!("ssh -p {port} {target}"),
+        command: ssh_command(username.as_deref(), host, port),
         host: host.to_owned(),
         port,
         username,

@@ -4,11 +4,15 @@
 //! - [`sessions`]: create, get, list, finish, revoke (admin token).
 //! - [`instructions`]: remote access instructions (user token).
 //! - [`health`]: `/metrics`, `/healthz`, `/readyz` (no token).
+//! - [`shell`]: shell-safe quoting of the commands in the instructions.
+//! - [`serve`]: HTTP/1.1 serving with a header timeout and a connection cap (both listeners).
 
 pub mod error;
 pub mod health;
 pub mod instructions;
+pub mod serve;
 pub mod sessions;
+pub mod shell;
 
 use std::sync::Arc;
 
@@ -17,20 +21,25 @@ use axum::http::header::AUTHORIZATION;
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{get, post};
-use axum::Router;
+use axum::{Extension, Router};
 use porthole_protocol::Secret;
 
 use crate::limits::MAX_API_BODY;
 use crate::shared::Relay;
+use crate::user_token::RolePolicy;
 use error::ApiError;
 
 /// The API router: admin routes behind the admin token; the instructions route checks user
 /// tokens itself (the two kinds of token never stand in for each other).
 pub fn router(relay: Arc<Relay>) -> Router {
-    let user = Router::new().route(
-        "/v1/sessions/{id}/instructions",
-        get(instructions::instructions),
-    );
+    // The configured role lists, normalised once.
+    let roles = RolePolicy::new(&relay.config.denied_roles, &relay.config.allowed_roles);
+    let user = Router::new()
+        .route(
+            "/v1/sessions/{id}/instructions",
+            get(instructions::instructions),
+        )
+        .layer(Extension(Arc::new(roles)));
     Router::new()
         .route("/v1/sessions", post(sessions::create).get(sessions::list))
         .route(

@@ -19,6 +19,7 @@ use crate::limits::{MAX_ALLOW_CIDRS, MAX_ID_LEN, MAX_SESSION_LIFETIME, MAX_VISIT
 use crate::registry::NewSession;
 use crate::session::Session;
 use crate::shared::Relay;
+use crate::untrusted::valid_session_id;
 
 /// Body of `POST /v1/sessions`.
 #[derive(Debug, Deserialize)]
@@ -94,6 +95,9 @@ pub struct SessionView {
     pub lifetime_policy: LifetimePolicy,
     /// Visitor connections open now.
     pub visitors: usize,
+    /// Of those, the ones that hold an `extend_while_connected` session open (connected
+    /// `extend_min_visitor_age`, or reported logged in by the agent's embedded SSH server).
+    pub visitors_holding: usize,
     /// Sources allowed to connect (empty: all).
     pub allow_cidrs: Vec<IpNet>,
     /// Why it was revoked, once it was.
@@ -125,6 +129,7 @@ impl SessionView {
             created_at: rfc3339(life.created_at),
             lifetime_policy: life.policy,
             visitors: life.visitors,
+            visitors_holding: life.holding,
             allow_cidrs: s.guards.allow_cidrs().to_vec(),
             revoke_reason: life.revoked.map(|(r, _)| r),
         }
@@ -200,16 +205,17 @@ fn parse_create(body: &[u8]) -> Result<NewSession, ApiError> {
     })
 }
 
+/// The 404 message for a session id that is unknown or malformed (the id is not echoed).
+pub const NO_SESSION: &str =
+    "no session with this id (revoked sessions are forgotten after their retention)";
+
+/// The session `id` names; an id that is not of the issued shape is not looked up and gets
+/// the same 404 as an unknown one.
 fn find(relay: &Relay, id: &str) -> Result<Arc<Session>, ApiError> {
-    relay
-        .sessions
-        .get(id)
-        .map(|s| s.value().clone())
-        .ok_or_else(|| {
-            ApiError::not_found(format!(
-                "no session `{id}` (revoked sessions are forgotten after their retention)"
-            ))
-        })
+    valid_session_id(id)
+        .then(|| relay.sessions.get(id).map(|s| s.value().clone()))
+        .flatten()
+        .ok_or_else(|| ApiError::not_found(NO_SESSION))
 }
 
 /// `POST /v1/sessions`.

@@ -128,6 +128,11 @@ pub struct RelayConfig {
     /// New visitor connections per source IP per session per minute, after the burst.
     #[arg(long, env = "PORTHOLE_VISITOR_RATE_PER_MINUTE", default_value = "30")]
     pub visitor_rate_per_minute: u32,
+    /// Refusals (visitors, agent connections) are logged once per kind (session, reason,
+    /// source), then summarised with a count once per this interval while they go on.
+    #[arg(long, env = "PORTHOLE_REFUSAL_SUMMARY_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub refusal_summary_interval: Duration,
     /// Concurrent connections to the HTTP API (and the metrics listener); more wait in the
     /// kernel's accept queue.
     #[arg(long, env = "PORTHOLE_MAX_API_CONNECTIONS", default_value = "256")]
@@ -197,6 +202,7 @@ impl Default for RelayConfig {
             extend_min_visitor_age: Duration::from_secs(130),
             visitor_rate_burst: 10,
             visitor_rate_per_minute: 30,
+            refusal_summary_interval: Duration::from_secs(10),
             max_api_connections: 256,
             api_header_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(30),

@@ -19,10 +19,20 @@ impl RelayConfig {
     /// (`None`: unknown, e.g. not Linux).
     pub fn warnings_given(&self, ephemeral_range_file: Option<&str>) -> Vec<String> {
         let ephemeral = ephemeral_range_file.and_then(parse_ephemeral_range);
-        ephemeral
+        let mut warnings: Vec<String> = ephemeral
             .and_then(|(lo, hi)| ephemeral_overlap(self.port_range, lo, hi))
             .into_iter()
-            .collect()
+            .collect();
+        if self.data_plane == porthole_protocol::DataPlane::Tcp
+            && !private_or_loopback(self.data_listen.ip())
+        {
+            warnings.push(format!(
+                "data_listen: {} is not a private or loopback address, but the tcp data plane sends visitors' bytes in clear text: \
+                 bind it to the private network the build machines share with this relay, or use data_plane = \"tls\"",
+                self.data_listen
+            ));
+        }
+        warnings
     }
 
     /// Checks values clap and serde cannot; the error names the key.
@@ -47,6 +57,7 @@ impl RelayConfig {
             ("shutdown_grace", self.shutdown_grace),
             ("visitor_handshake_timeout", self.visitor_handshake_timeout),
             ("api_header_timeout", self.api_header_timeout),
+            ("refusal_summary_interval", self.refusal_summary_interval),
         ];
         if let Some((key, _)) = must_be_positive.iter().find(|(_, d)| d.is_zero()) {
             return Err(InvalidSetting::new(
@@ -77,6 +88,11 @@ impl RelayConfig {
                 24 * hour,
             ),
             ("api_header_timeout", self.api_header_timeout, hour),
+            (
+                "refusal_summary_interval",
+                self.refusal_summary_interval,
+                hour,
+            ),
         ];
         if let Some((key, _, max)) = at_most.iter().find(|(_, d, max)| d > max) {
             return Err(InvalidSetting::new(
@@ -179,6 +195,17 @@ impl RelayConfig {
     }
 }
 
+/// Whether `ip` is a loopback, private (RFC 1918, IPv6 unique local) or link-local address:
+/// one the Internet cannot reach directly.
+pub fn private_or_loopback(ip: std::net::IpAddr) -> bool {
+    match ip.to_canonical() {
+        std::net::IpAddr::V4(v4) => v4.is_loopback() || v4.is_private() || v4.is_link_local(),
+        std::net::IpAddr::V6(v6) => {
+            v6.is_loopback() || v6.is_unique_local() || v6.is_unicast_link_local()
+        }
+    }
+}
+
 /// Longest `port_cooldown` accepted.
 const MAX_PORT_COOLDOWN: Duration = Duration::from_secs(24 * 3600);
 
@@ -275,6 +302,41 @@ mod tests {
             "{warnings:?}"
         );
         assert_eq!(config.warnings_given(Some("")), Vec::<String>::new());
+    }
+
+    #[test]
+    fn the_tcp_data_plane_on_a_public_address_is_warned_about() {
+        let mut config = RelayConfig {
+            data_plane: porthole_protocol::DataPlane::Tcp,
+            ..RelayConfig::default()
+        };
+        let warnings = config.warnings_given(None);
+        assert_eq!(warnings.len(), 1, "0.0.0.0 is every address: {warnings:?}");
+        assert!(warnings[0].contains("clear text"), "{warnings:?}");
+        for private in [
+            "127.0.0.1:7444",
+            "10.1.2.3:7444",
+            "192.168.0.9:7444",
+            "[fd00::1]:7444",
+            "[::1]:7444",
+        ] {
+            config.data_listen = private.parse().unwrap_or_else(|e| unreachable!("{e}"));
+            assert_eq!(
+                config.warnings_given(None),
+                Vec::<String>::new(),
+                "{private}"
+            );
+        }
+        config.data_listen = "203.0.113.7:7444"
+            .parse()
+            .unwrap_or_else(|e| unreachable!("{e}"));
+        assert_eq!(config.warnings_given(None).len(), 1);
+        config.data_plane = porthole_protocol::DataPlane::Tls;
+        assert_eq!(
+            config.warnings_given(None),
+            Vec::<String>::new(),
+            "tls plane: no data port"
+        );
     }
 
     #[test]

@@ -1,0 +1,204 @@
+//! Strangers on a session's public ports cannot keep users out or hold a session open:
+//! visitors that have not completed their protocol's opening count toward no visitor cap
+//! (16 idle VNC connections from 16 addresses while a real `ssh` logs in) and are closed
+//! after the visitor handshake timeout; one source holds at most `max_visitors_per_source`
+//! of a session's connections; a connection that never logs in does not hold an
+//! `extend_while_connected` session past its grace.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::Read;
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Duration;
+
+use anyhow::{ensure, Context as _};
+use common::agent::Agent;
+use common::echo::{closed_without_data, echo_on, wait_cut};
+use common::peers::sshd::Sshd;
+use common::peers::tools::run_with_timeout;
+use common::relay::TestRelay;
+use common::wait_for;
+use serde_json::json;
+
+fn ip(a: u8, b: u8, c: u8, d: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(a, b, c, d))
+}
+
+/// Reads the relay's RFB version announcement from a VNC port.
+fn read_announcement(s: &mut std::net::TcpStream) -> anyhow::Result<()> {
+    let mut got = [0u8; 12];
+    s.read_exact(&mut got)
+        .context("the relay's RFB announcement")?;
+    ensure!(&got == b"RFB 003.008\n", "announced {got:?}");
+    Ok(())
+}
+
+#[test]
+fn idle_vnc_connections_do_not_keep_a_real_ssh_user_out() -> anyhow::Result<()> {
+    let sshd = Sshd::start()?;
+    let echo = common::echo::start()?;
+    // Long handshake timeout: the idle connections are all still pending while ssh logs in.
+    let relay = TestRelay::start_with(|c| c.visitor_handshake_timeout = Duration::from_secs(120))?;
+    let session = relay.create(&["ssh", "vnc"], None)?;
+    let agent = Agent::start(
+        &relay,
+        &session.token,
+        &[
+            format!("ssh=127.0.0.1:{}", sshd.port),
+            format!("vnc=127.0.0.1:{echo}"),
+        ],
+    )?;
+    agent.wait_registered()?;
+    let vnc = session.port("vnc");
+    let mut idle = Vec::new();
+    for i in 2..=17u8 {
+        let mut s = relay.connect_silent_from(ip(127, 0, 0, i), vnc)?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        read_announcement(&mut s)
+            .with_context(|| format!("idle VNC connection from 127.0.0.{i}"))?;
+        idle.push(s);
+    }
+    let view = relay.get(&session.id)?;
+    assert_eq!(
+        view["visitors"], 0,
+        "pending visitors count toward no cap: {view}"
+    );
+    let out = run_with_timeout(
+        sshd.ssh("127.0.0.1", session.port("ssh"))
+            .arg("echo logged in"),
+        Duration::from_secs(60),
+    )?;
+    ensure!(
+        out.status.success(),
+        "ssh beside 16 idle VNC connections: {}",
+        out.stderr
+    );
+    assert_eq!(out.stdout_text(), "logged in\n");
+    Ok(())
+}
+
+#[test]
+fn a_visitor_that_never_completes_its_opening_is_closed() -> anyhow::Result<()> {
+    let echo = common::echo::start()?;
+    let relay = TestRelay::start_with(|c| c.visitor_handshake_timeout = Duration::from_secs(1))?;
+    let session = relay.create(&["ssh", "vnc"], None)?;
+    let agent = Agent::start(
+        &relay,
+        &session.token,
+        &[
+            format!("ssh=127.0.0.1:{echo}"),
+            format!("vnc=127.0.0.1:{echo}"),
+        ],
+    )?;
+    agent.wait_registered()?;
+    let mut vnc = relay.connect_silent_from(ip(127, 0, 0, 1), session.port("vnc"))?;
+    vnc.set_read_timeout(Some(Duration::from_secs(30)))?;
+    read_announcement(&mut vnc)?;
+    let mut rest = [0u8; 16];
+    let n = vnc
+        .read(&mut rest)
+        .context("a read timeout means the relay kept the idle VNC visitor")?;
+    ensure!(
+        n == 0,
+        "the idle VNC visitor got {n} more bytes instead of being closed"
+    );
+    let mut ssh = relay.connect_silent_from(ip(127, 0, 0, 1), session.port("ssh"))?;
+    ssh.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let n = ssh
+        .read(&mut rest)
+        .context("a read timeout means the relay kept the idle SSH visitor")?;
+    ensure!(
+        n == 0,
+        "the idle SSH visitor got {n} bytes instead of being closed"
+    );
+    // Something that is not a VNC viewer's reply is refused as not_vnc.
+    let mut http = relay.connect_silent_from(ip(127, 0, 0, 1), session.port("vnc"))?;
+    http.set_read_timeout(Some(Duration::from_secs(30)))?;
+    read_announcement(&mut http)?;
+    std::io::Write::write_all(&mut http, b"GET / HTTP/1.1\r\n\r\n")?;
+    closed_without_data(&mut http)?;
+    let lines = relay.audit_lines()?;
+    for reason in ["not_vnc", "not_ssh"] {
+        ensure!(
+            lines
+                .iter()
+                .any(|l| l["event"] == "visitor_refused" && l["reason"] == reason),
+            "no {reason} refusal in the audit log:\n{}",
+            relay.audit_log()?
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn one_source_holds_at_most_max_visitors_per_source() -> anyhow::Result<()> {
+    let (echo, accepted) = common::echo::start_counting()?;
+    let relay = TestRelay::start_with(|c| c.max_visitors_per_source = 4)?;
+    let session = relay.create(&["ssh"], None)?;
+    let agent = Agent::start(&relay, &session.token, &[format!("ssh=127.0.0.1:{echo}")])?;
+    agent.wait_registered()?;
+    let port = session.port("ssh");
+    let mut held = Vec::new();
+    for i in 1..=4 {
+        let mut s = relay.connect_from(ip(127, 0, 0, 1), port)?;
+        echo_on(&mut s, b"in\n").with_context(|| format!("visitor {i} of 4 from 127.0.0.1"))?;
+        held.push(s);
+    }
+    let before = accepted.get();
+    let mut fifth = relay.connect_from(ip(127, 0, 0, 1), port)?;
+    closed_without_data(&mut fifth).context("the 5th visitor from one source")?;
+    ensure!(
+        accepted.get() == before,
+        "the 5th visitor must not reach the service"
+    );
+    let mut other = relay.connect_from(ip(127, 0, 0, 2), port)?;
+    echo_on(&mut other, b"another source\n").context("a visitor from another source")?;
+    // One of the four leaves: its source may connect again.
+    drop(held.remove(0));
+    wait_for("the source's slot to free", Duration::from_secs(10), || {
+        let mut s = relay.connect_from(ip(127, 0, 0, 1), port).ok()?;
+        echo_on(&mut s, b"again\n").ok().map(|()| s)
+    })?;
+    let lines = relay.audit_lines()?;
+    ensure!(
+        lines
+            .iter()
+            .any(|l| l["reason"] == "too_many_from_source" && l["source_ip"] == "127.0.0.1"),
+        "no too_many_from_source refusal:\n{}",
+        relay.audit_log()?
+    );
+    Ok(())
+}
+
+#[test]
+fn a_stranger_that_never_logs_in_cannot_hold_a_finished_session() -> anyhow::Result<()> {
+    let echo = common::echo::start()?;
+    // A visitor holds the session only after 10 minutes here (or when the agent's embedded
+    // SSH server reports it logged in): the stranger below never gets there.
+    let relay = TestRelay::start_with(|c| c.extend_min_visitor_age = Duration::from_secs(600))?;
+    let session = relay.create_with(
+        &["ssh"],
+        json!({ "grace_secs": 2, "extend_while_connected": true }),
+    )?;
+    let agent = Agent::start(&relay, &session.token, &[format!("ssh=127.0.0.1:{echo}")])?;
+    agent.wait_registered()?;
+    // The stranger sends an SSH identification line and nothing more.
+    let mut stranger = relay.connect_from(ip(127, 0, 0, 3), session.port("ssh"))?;
+    wait_for(
+        "the stranger to be counted",
+        Duration::from_secs(10),
+        || relay.get(&session.id).ok().filter(|v| v["visitors"] == 1),
+    )?;
+    let view = relay.finish(&session.id)?;
+    ensure!(view["state"] == "finishing", "{view}");
+    ensure!(
+        view["deadline"] != view["expires_at"],
+        "a visitor that is not logged in must not suspend the grace deadline: {view}"
+    );
+    let view = relay.wait_state(&session.id, "revoked", Duration::from_secs(20))?;
+    assert_eq!(view["revoke_reason"], "grace_ended", "{view}");
+    wait_cut(&mut stranger, Duration::from_secs(10)).context("the stranger must be cut")?;
+    Ok(())
+}
