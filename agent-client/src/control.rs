@@ -65,6 +65,7 @@ pub async fn run(
         services: ctx.config.services.keys().copied().collect(),
         credentials: ctx.config.credentials.clone(),
         host_keys: ctx.config.host_keys.clone(),
+        visitor_reports: false,
     };
     framed
         .send(hello)
@@ -88,6 +89,7 @@ pub async fn run(
             data_port,
             park_secret,
             visitor_auth_reports,
+            accepts_end: _,
         }))) => {
             report_logins = visitor_auth_reports;
             plane = match (data_plane, data_port) {

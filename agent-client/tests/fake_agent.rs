@@ -260,3 +260,70 @@ fn the_relay_refuses_hellos_whose_user_names_are_not_portable() -> anyhow::Resul
     );
     Ok(())
 }
+
+/// Waits for the next `visitors` report on a raw link, answering pings and refusing every
+/// `open` (`open_failed`: the visitor is closed at once).
+async fn next_count(link: &mut raw::RawLink) -> anyhow::Result<u32> {
+    use futures_util::{SinkExt, StreamExt};
+    loop {
+        match tokio::time::timeout(std::time::Duration::from_secs(10), link.next()).await? {
+            Some(Ok(Message::Visitors { count })) => return Ok(count),
+            Some(Ok(Message::Ping { seq })) => link.send(Message::Pong { seq }).await?,
+            Some(Ok(Message::Open { conn_id, .. })) => {
+                let reason = "the fake agent serves nobody".into();
+                link.send(Message::OpenFailed { conn_id, reason }).await?
+            }
+            Some(Ok(_)) => continue,
+            other => anyhow::bail!("no visitors report: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn the_relay_reports_visitor_counts_and_ends_unvisited_sessions_on_request() -> anyhow::Result<()> {
+    use futures_util::SinkExt;
+    let relay = common::relay::TestRelay::start()?;
+    let session = relay.create(&["ssh"], None)?;
+    let (addr, pin) = (relay.agent_addr(), relay.pin());
+    let (mut link, answer) = relay.rt.block_on(raw::hello_reporting(
+        &addr,
+        &pin,
+        join(&session.token),
+        vec![],
+        true,
+    ))?;
+    ensure!(
+        matches!(
+            answer,
+            Message::Registered {
+                accepts_end: true,
+                ..
+            }
+        ),
+        "{answer:?}"
+    );
+    relay.rt.block_on(confirm(&mut link))?;
+    // A visitor connects: the agent is told 1 (on admission, before any data connection).
+    let visitor = relay.connect_from("127.0.0.1".parse()?, session.port("ssh"))?;
+    ensure!(
+        relay.rt.block_on(next_count(&mut link))? == 1,
+        "count after one visitor"
+    );
+    // `end` while a visitor is connected changes nothing.
+    relay.rt.block_on(link.send(Message::End))?;
+    // The fake agent refuses the visitor's `open`: it leaves, 0.
+    ensure!(
+        relay.rt.block_on(next_count(&mut link))? == 0,
+        "count after it left"
+    );
+    drop(visitor);
+    ensure!(
+        relay.state(&session.id)? == "active",
+        "end with a visitor connected ended the session"
+    );
+    // With nobody connected, `end` revokes the session.
+    relay.rt.block_on(link.send(Message::End))?;
+    let view = relay.wait_state(&session.id, "revoked", std::time::Duration::from_secs(10))?;
+    ensure!(view["revoke_reason"] == "ended_by_agent", "{view}");
+    Ok(())
+}

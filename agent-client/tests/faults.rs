@@ -71,6 +71,7 @@ fn hello(auth: HelloAuth) -> Message {
         services: vec![Service::Ssh],
         credentials: vec![],
         host_keys: vec![],
+        visitor_reports: false,
     }
 }
 

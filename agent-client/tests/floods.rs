@@ -120,6 +120,7 @@ fn peer_text_cannot_forge_a_log_line() -> anyhow::Result<()> {
                 services: vec![],
                 credentials: vec![],
                 host_keys: vec![],
+                visitor_reports: false,
             })
             .await?;
         let answer = tokio::time::timeout(Duration::from_secs(10), framed.next()).await?;

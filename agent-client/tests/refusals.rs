@@ -205,6 +205,7 @@ fn bad_first_frames_get_typed_errors() -> anyhow::Result<()> {
         services: vec![Service::Ssh],
         credentials: vec![],
         host_keys: vec![],
+        visitor_reports: false,
     };
     expect_error(
         h.answer_to(hello)?,
@@ -279,6 +280,7 @@ fn bad_first_frames_get_typed_errors() -> anyhow::Result<()> {
             services: vec![Service::Ssh],
             credentials: vec![],
             host_keys: vec![],
+            visitor_reports: false,
         };
         let _ = framed.send(hello).await;
         let answer = tokio::time::timeout(Duration::from_secs(10), framed.next()).await?;

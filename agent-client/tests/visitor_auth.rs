@@ -194,6 +194,7 @@ async fn scenario(reports: bool) -> anyhow::Result<Vec<Option<u64>>> {
         data_port: None,
         park_secret: Some(Secret::new("park")),
         visitor_auth_reports: reports,
+        accepts_end: false,
     })
     .await?;
     let mut control = Control::run(link);

@@ -28,6 +28,7 @@ fn messages() -> Vec<(&'static str, Message)> {
                     "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKbench0000000000000000000000000000000000 root@vm"
                         .into(),
                 ],
+                visitor_reports: true,
             },
         ),
         (

@@ -91,8 +91,11 @@ mod tests {
             services: vec![Service::Ssh, Service::Vnc],
             credentials: vec![],
             host_keys: vec![],
+            visitor_reports: true,
         });
         roundtrip(Message::Finish);
+        roundtrip(Message::End);
+        roundtrip(Message::Visitors { count: 3 });
         roundtrip(Message::Error {
             code: ErrorCode::BadToken,
             message: "no".into(),

@@ -205,6 +205,10 @@ pub enum Message {
         /// can verify the machine instead of turning host key checking off.
         #[serde(default)]
         host_keys: Vec<String>,
+        /// Whether the agent takes `visitors` reports (older agents do not: the relay sends
+        /// them only when this is true).
+        #[serde(default)]
+        visitor_reports: bool,
     },
     /// Relay → agent: the control connection is registered.
     Registered {
@@ -236,6 +240,9 @@ pub enum Message {
         /// an agent sends them only when this is true).
         #[serde(default)]
         visitor_auth_reports: bool,
+        /// Whether the relay takes `end` from the agent (older relays do not).
+        #[serde(default)]
+        accepts_end: bool,
     },
     /// Either way: a typed refusal; the sender closes the connection after it.
     Error {
@@ -304,6 +311,16 @@ pub enum Message {
     },
     /// Agent → relay: the build finished; the grace period starts.
     Finish,
+    /// Agent → relay: end the session now (the agent's `--wait-if-nobody-connected` ran out
+    /// with nobody connected). The relay revokes it, unless a visitor is connected right now.
+    /// Sent only to relays that said `accepts_end` in `registered`.
+    End,
+    /// Relay → agent: how many visitors are connected now (sent when the count changes, to
+    /// agents that said `visitor_reports` in `hello`).
+    Visitors {
+        /// Visitor connections open now.
+        count: u32,
+    },
     /// Relay → agent: the session's deadline changed.
     Deadline {
         /// New deadline, Unix milliseconds.
@@ -334,6 +351,8 @@ impl Message {
             Message::Ping { .. } => "ping",
             Message::Pong { .. } => "pong",
             Message::Finish => "finish",
+            Message::End => "end",
+            Message::Visitors { .. } => "visitors",
             Message::Deadline { .. } => "deadline",
             Message::Revoked { .. } => "revoked",
         }

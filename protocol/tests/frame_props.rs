@@ -55,6 +55,7 @@ fn message() -> impl Strategy<Value = Message> {
                         .collect(),
                     services,
                     host_keys: vec!["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAI test".into()],
+                    visitor_reports: protocol_version % 2 == 0,
                 }
             ),
         (
@@ -82,6 +83,7 @@ fn message() -> impl Strategy<Value = Message> {
                         data_port: Some(port),
                         park_secret: resumed.then(|| porthole_protocol::Secret::new("php_x")),
                         visitor_auth_reports: !resumed,
+                        accepts_end: resumed,
                     }
                 }
             ),
@@ -107,6 +109,8 @@ fn message() -> impl Strategy<Value = Message> {
         any::<u64>().prop_map(|seq| Message::Ping { seq }),
         any::<u64>().prop_map(|seq| Message::Pong { seq }),
         Just(Message::Finish),
+        Just(Message::End),
+        any::<u32>().prop_map(|count| Message::Visitors { count }),
         (any::<u64>(), any::<bool>()).prop_map(|(deadline_unix_ms, finishing)| Message::Deadline {
             deadline_unix_ms,
             finishing

@@ -154,6 +154,7 @@ pub fn classify(first: Option<Result<Message, FrameError>>) -> FirstFrame {
             services,
             credentials,
             host_keys,
+            visitor_reports,
         })) => FirstFrame::Control(control::Hello {
             protocol_version,
             agent_version,
@@ -161,6 +162,7 @@ pub fn classify(first: Option<Result<Message, FrameError>>) -> FirstFrame {
             services,
             credentials,
             host_keys,
+            visitor_reports,
         }),
         Some(Ok(Message::Attach {
             session_id,

@@ -13,6 +13,7 @@ use porthole_protocol::{Credential, ErrorCode, FrameError, Message, Service};
 
 use crate::access::Access;
 use crate::agent_endpoint::{refuse, AgentFramed};
+use crate::lifecycle::RevokeReason;
 use crate::limits::FAREWELL_TIMEOUT;
 use crate::registry::{unix_ms, AgentOffer, Refusal, Registration};
 use crate::shared::Relay;
@@ -33,6 +34,8 @@ pub struct Hello {
     pub credentials: Vec<Credential>,
     /// SSH host keys.
     pub host_keys: Vec<String>,
+    /// Whether the agent takes `visitors` reports.
+    pub visitor_reports: bool,
 }
 
 /// The checks of a `hello` that need no state: protocol version, credentials and host
@@ -51,6 +54,7 @@ pub fn screen(hello: Hello, ip: IpAddr) -> Result<(HelloAuth, AgentOffer, String
         services: hello.services,
         access,
         ip: ip.to_canonical(),
+        visitor_reports: hello.visitor_reports,
     };
     Ok((hello.auth, offer, hello.agent_version))
 }
@@ -99,6 +103,7 @@ async fn serve(relay: &Relay, peer: IpAddr, mut framed: AgentFramed, mut reg: Re
         park_secret: (relay.config.data_plane == porthole_protocol::DataPlane::Tls)
             .then(|| reg.park_secret.clone()),
         visitor_auth_reports: true,
+        accepts_end: true,
     };
     let interval = relay.config.heartbeat_interval;
     let mut ticker = tokio::time::interval(interval);
@@ -137,6 +142,13 @@ async fn serve(relay: &Relay, peer: IpAddr, mut framed: AgentFramed, mut reg: Re
                 match frame {
                     Some(Ok(Message::Ping { seq })) => result = send(&mut framed, Message::Pong { seq }, limit).await,
                     Some(Ok(Message::Pong { .. })) => {}
+                    Some(Ok(Message::End)) => {
+                        if session.lock().life.visitors > 0 {
+                            tracing::info!(session_id = %session.id, "the agent asked to end the session, but a visitor is connected: not ended");
+                        } else {
+                            relay.revoke(&session, RevokeReason::EndedByAgent);
+                        }
+                    }
                     Some(Ok(Message::Finish)) => {
                         if let Err(e) = relay.finish(&session, "agent") {
                             tracing::error!(session_id = %session.id, error = %e, "cannot save the finish");

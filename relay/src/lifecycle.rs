@@ -85,17 +85,20 @@ pub enum RevokeReason {
     Deleted,
     /// A public port could not be bound again when the relay restarted.
     PortLost,
+    /// The agent ended the session early (`--wait-if-nobody-connected`: nobody came).
+    EndedByAgent,
 }
 
 impl RevokeReason {
     /// Every reason, for metrics that start at zero.
-    pub const ALL: [RevokeReason; 6] = [
+    pub const ALL: [RevokeReason; 7] = [
         RevokeReason::JoinTtlExpired,
         RevokeReason::HardCap,
         RevokeReason::GraceEnded,
         RevokeReason::AgentLost,
         RevokeReason::Deleted,
         RevokeReason::PortLost,
+        RevokeReason::EndedByAgent,
     ];
 
     /// The snake_case name (as in the API), for metric labels.
@@ -107,6 +110,7 @@ impl RevokeReason {
             RevokeReason::AgentLost => "agent_lost",
             RevokeReason::Deleted => "deleted",
             RevokeReason::PortLost => "port_lost",
+            RevokeReason::EndedByAgent => "ended_by_agent",
         }
     }
 
@@ -122,6 +126,9 @@ impl RevokeReason {
             RevokeReason::Deleted => "the session was revoked through the API",
             RevokeReason::PortLost => {
                 "a public port could not be bound again after a relay restart"
+            }
+            RevokeReason::EndedByAgent => {
+                "the build machine ended the session: nobody connected after the build finished"
             }
         }
     }

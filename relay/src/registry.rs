@@ -51,6 +51,8 @@ pub struct AgentOffer {
     pub access: Access,
     /// Its address (for the audit log).
     pub ip: IpAddr,
+    /// Whether it takes `visitors` reports.
+    pub visitor_reports: bool,
 }
 
 /// A refusal to an agent: code and message for the `error` frame.
@@ -240,6 +242,7 @@ impl Relay {
             cancel: session.cancel.child_token(),
             park_hash: park_secret.hash(),
             ip: agent.ip,
+            visitor_reports: agent.visitor_reports,
         };
         let resume_secret = Secret::generate("phr_");
         let before = (

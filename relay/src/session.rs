@@ -75,7 +75,9 @@ impl Drop for VisitorGuard {
                     inner.sources.remove(&self.source);
                 }
             }
-            inner.life.on_visitor_left(SystemTime::now(), holding)
+            let changed = inner.life.on_visitor_left(SystemTime::now(), holding);
+            inner.report_visitors();
+            changed
         };
         if changed {
             self.session.deadline_moved.store(true, Ordering::Relaxed);
@@ -117,6 +119,19 @@ pub struct Link {
     /// The agent's address on this link (data connections on the plain-TCP data port must
     /// come from it).
     pub ip: IpAddr,
+    /// Whether the agent takes `visitors` reports.
+    pub visitor_reports: bool,
+}
+
+impl SessionInner {
+    /// Tells the agent how many visitors are connected now (if it asked to be told). A
+    /// report lost to a full queue is corrected by the next one.
+    fn report_visitors(&self) {
+        if let Some(link) = self.link.as_ref().filter(|l| l.visitor_reports) {
+            let count = u32::try_from(self.life.visitors).unwrap_or(u32::MAX);
+            let _ = link.tx.try_send(Message::Visitors { count });
+        }
+    }
 }
 
 /// What changes under the session lock.
@@ -247,6 +262,7 @@ impl Session {
         }
         *from_source += 1;
         inner.life.on_visitor_joined();
+        inner.report_visitors();
         Ok((
             link,
             VisitorGuard {

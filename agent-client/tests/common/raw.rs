@@ -27,6 +27,17 @@ pub async fn hello_with(
     auth: HelloAuth,
     credentials: Vec<Credential>,
 ) -> anyhow::Result<(RawLink, Message)> {
+    hello_reporting(addr, pin, auth, credentials, false).await
+}
+
+/// [`hello_with`], saying whether the fake agent takes `visitors` reports.
+pub async fn hello_reporting(
+    addr: &str,
+    pin: &str,
+    auth: HelloAuth,
+    credentials: Vec<Credential>,
+    visitor_reports: bool,
+) -> anyhow::Result<(RawLink, Message)> {
     let config = client_config(&RelayTrust::Pin(parse_pin(pin)?))?;
     let tcp = TcpStream::connect(addr).await?;
     let tls = TlsConnector::from(config)
@@ -40,6 +51,7 @@ pub async fn hello_with(
         services: vec![Service::Ssh],
         credentials,
         host_keys: vec![],
+        visitor_reports,
     };
     framed.send(hello).await?;
     let answer = tokio::time::timeout(Duration::from_secs(10), framed.next()).await?;
