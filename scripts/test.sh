@@ -30,6 +30,7 @@ declare -A APT_FOR=(
   [pgrep]=procps
   [ps]=procps
   [ss]=iproute2
+  [shellcheck]=shellcheck   # the CI examples' scripts (agent-client/tests/examples.rs)
 )
 
 missing_pkgs=()

@@ -59,9 +59,9 @@ pub struct AgentConfig {
     /// Name to verify the relay certificate against [default: the host of --relay].
     #[arg(long, env = "PORTHOLE_SERVER_NAME")]
     pub server_name: Option<String>,
-    /// Where the agent writes its pid, for `porthole-agent finish` (created anew, mode 0600;
-    /// a symbolic link or a live agent's pid file there stops the start; a stale one is
-    /// replaced).
+    /// Where the agent writes its pid, for `porthole-agent finish` and `status` (created anew,
+    /// mode 0600; a symbolic link or a live agent's pid file there stops the start; a stale
+    /// one is replaced). Its control socket is this path plus `.sock`.
     #[arg(long, env = "PORTHOLE_PID_FILE", default_value_os_t = default_pid_file())]
     pub pid_file: PathBuf,
     /// SSH user name shown in the instructions [default: the user running the agent].
@@ -96,6 +96,19 @@ pub struct AgentConfig {
     /// Deadline for connecting to the relay or a local service.
     #[arg(long, env = "PORTHOLE_CONNECT_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub connect_timeout: Duration,
+    /// Run in the background once registered (a build step): print the instructions, write
+    /// the pid file and return 0; exit non-zero with the reason if the agent cannot
+    /// register within --connect-timeout (plus 5s). End it with `porthole-agent finish
+    /// --wait`.
+    #[arg(long, env = "PORTHOLE_DETACH")]
+    pub detach: bool,
+    /// With --detach: where the background agent's output goes (appended, mode 0600)
+    /// [default: the pid file with .log instead of .pid].
+    #[arg(long, env = "PORTHOLE_LOG_FILE")]
+    pub log_file: Option<PathBuf>,
+    /// Internal: this process is the background agent that --detach started.
+    #[arg(long, hide = true)]
+    pub detached_child: bool,
 }
 
 fn parse_warm_idle(s: &str) -> Result<Duration, String> {

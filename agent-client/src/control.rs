@@ -1,5 +1,6 @@
 //! One control connection: `hello`, `registered`, then the link loop (heartbeats, `open`,
-//! deadline updates, `finish`) until the link breaks or the session is revoked.
+//! deadline updates, visitor counts, `finish`, `end`) until the link breaks or the session is
+//! revoked. The agent's [`crate::status::Status`] follows what the relay says.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -14,6 +15,7 @@ use tokio_util::codec::Framed;
 
 use crate::error::AgentError;
 use crate::events::AgentEvent;
+use crate::status::State;
 use crate::visitor::{self, DataRoute, Open};
 use crate::warm::Pool;
 use crate::Context;
@@ -44,12 +46,22 @@ pub enum Credentials {
     Resume(String, Secret),
 }
 
+/// What the agent is told from outside while it runs (latched: a link that comes up later
+/// still acts on them).
+#[derive(Debug)]
+pub struct Signals {
+    /// Turns true when the build finished: the link sends `finish`.
+    pub finished: watch::Receiver<bool>,
+    /// Turns true to end the session early: the link sends `end` (to relays that take it).
+    pub end: watch::Receiver<bool>,
+}
+
 /// Runs one control connection. `registered_at` is set once registration succeeds (the
 /// caller uses it to reset backoff after a healthy link).
 pub async fn run(
     ctx: &Arc<Context>,
     creds: &mut Credentials,
-    finished: &mut watch::Receiver<bool>,
+    signals: &mut Signals,
     registered_at: &mut Option<Instant>,
 ) -> Result<LinkEnd, AgentError> {
     let tls = ctx.dialer.dial().await?;
@@ -65,7 +77,7 @@ pub async fn run(
         services: ctx.config.services.keys().copied().collect(),
         credentials: ctx.config.credentials.clone(),
         host_keys: ctx.config.host_keys.clone(),
-        visitor_reports: false,
+        visitor_reports: true,
     };
     framed
         .send(hello)
@@ -75,6 +87,7 @@ pub async fn run(
     let plane: DataRoute;
     let warm: Option<Pool>;
     let report_logins: bool;
+    let takes_end: bool;
     // Visitor tasks queue their reports here; the link loop sends them.
     let (to_relay, mut reports) = mpsc::channel(REPORT_QUEUE);
     let (session_id, heartbeat) = match answer {
@@ -89,9 +102,10 @@ pub async fn run(
             data_port,
             park_secret,
             visitor_auth_reports,
-            accepts_end: _,
+            accepts_end,
         }))) => {
             report_logins = visitor_auth_reports;
+            takes_end = accepts_end;
             plane = match (data_plane, data_port) {
                 (DataPlane::Tcp, Some(port)) => DataRoute::Tcp(port),
                 _ => DataRoute::Tls,
@@ -109,6 +123,20 @@ pub async fn run(
                 });
             *registered_at = Some(Instant::now());
             let deadline = from_unix_ms(deadline_unix_ms);
+            ctx.status.update(|s| {
+                s.state = if s.finishing {
+                    State::Finishing
+                } else {
+                    State::Active
+                };
+                s.session_id = Some(session_id.clone());
+                s.endpoints = endpoints.clone();
+                s.deadline_unix_ms = Some(deadline_unix_ms);
+                // The relay closes the visitors of a lost link: nobody is connected now.
+                s.visitors = 0;
+                s.accepts_end = accepts_end;
+                s.last_error = None;
+            });
             ctx.report(AgentEvent::Registered {
                 session_id: session_id.clone(),
                 endpoints,
@@ -141,9 +169,15 @@ pub async fn run(
             ))
         }
     };
-    if *finished.borrow_and_update() {
+    if *signals.finished.borrow_and_update() {
         framed
             .send(Message::Finish)
+            .await
+            .map_err(|e| AgentError::LinkLost(e.to_string()))?;
+    }
+    if *signals.end.borrow_and_update() && takes_end {
+        framed
+            .send(Message::End)
             .await
             .map_err(|e| AgentError::LinkLost(e.to_string()))?;
     }
@@ -162,7 +196,14 @@ pub async fn run(
         let limit = heartbeat.saturating_mul(3);
         let sent = tokio::select! {
             () = ctx.cancel.cancelled() => return Ok(LinkEnd::Shutdown),
-            Ok(()) = finished.changed() => send(&mut framed, Message::Finish, limit).await,
+            Ok(()) = signals.finished.changed() => send(&mut framed, Message::Finish, limit).await,
+            Ok(()) = signals.end.changed() => {
+                if *signals.end.borrow_and_update() && takes_end {
+                    send(&mut framed, Message::End, limit).await
+                } else {
+                    Ok(())
+                }
+            }
             Some(msg) = reports.recv() => send(&mut framed, msg, limit).await,
             _ = ticker.tick() => {
                 if last_heard.elapsed() > limit {
@@ -181,8 +222,29 @@ pub async fn run(
                     }
                     Some(Ok(Message::Ping { seq })) => send(&mut framed, Message::Pong { seq }, limit).await,
                     Some(Ok(Message::Pong { .. })) => Ok(()),
-                    Some(Ok(Message::Deadline { deadline_unix_ms, .. })) => {
-                        ctx.report(AgentEvent::Deadline { deadline: from_unix_ms(deadline_unix_ms) });
+                    Some(Ok(Message::Deadline { deadline_unix_ms, finishing })) => {
+                        ctx.status.update(|s| {
+                            s.deadline_unix_ms = Some(deadline_unix_ms);
+                            if finishing {
+                                s.finishing = true;
+                                if s.state == State::Active {
+                                    s.state = State::Finishing;
+                                }
+                            }
+                        });
+                        ctx.report(AgentEvent::Deadline { deadline: from_unix_ms(deadline_unix_ms), finishing });
+                        Ok(())
+                    }
+                    Some(Ok(Message::Visitors { count })) => {
+                        let mut previous = 0;
+                        ctx.status.update(|s| {
+                            previous = s.visitors;
+                            s.visitors = count;
+                            s.visited |= count > 0;
+                        });
+                        if count != previous {
+                            ctx.report(AgentEvent::Visitors { count, previous });
+                        }
                         Ok(())
                     }
                     Some(Ok(Message::Revoked { reason })) => return Ok(LinkEnd::Revoked(reason)),

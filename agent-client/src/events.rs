@@ -19,10 +19,25 @@ pub enum AgentEvent {
         /// A resume after a lost link.
         resumed: bool,
     },
-    /// The deadline changed (the build finished).
+    /// The deadline changed (the build finished, or a visitor held the session).
     Deadline {
         /// New deadline.
         deadline: SystemTime,
+        /// The build finished: only the grace period remains.
+        finishing: bool,
+    },
+    /// The number of visitors connected now changed (the relay's `visitors` reports).
+    Visitors {
+        /// Connected now.
+        count: u32,
+        /// Connected before this report.
+        previous: u32,
+    },
+    /// Something the agent decided about the session (e.g. ending an unvisited session
+    /// early), for the log.
+    Notice {
+        /// One sentence.
+        message: String,
     },
     /// The link is down; the agent retries.
     Reconnecting {
@@ -47,5 +62,21 @@ pub trait Reporter: Send + Sync {
 impl<F: Fn(&AgentEvent) + Send + Sync> Reporter for F {
     fn report(&self, event: &AgentEvent) {
         self(event)
+    }
+}
+
+/// One reporter shared by the agent and its local control socket.
+#[derive(Clone)]
+pub struct SharedReporter(pub std::sync::Arc<dyn Reporter>);
+
+impl std::fmt::Debug for SharedReporter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SharedReporter")
+    }
+}
+
+impl Reporter for SharedReporter {
+    fn report(&self, event: &AgentEvent) {
+        self.0.report(event)
     }
 }

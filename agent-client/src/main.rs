@@ -1,21 +1,34 @@
 //! `porthole-agent`: parses flags, sets up logging and signals, runs the agent.
 //!
 //! `porthole-agent [run] --relay HOST:PORT --token T --service ssh=127.0.0.1:22` serves the
-//! session; `porthole-agent finish` (or SIGUSR1 to the agent) tells the relay the build
-//! finished, which starts the grace period.
+//! session (`--detach`: in the background once registered); `porthole-agent finish` (or
+//! SIGUSR1 to the agent) tells the relay the build finished, which starts the grace period
+//! (`--wait`: and waits for the session to end); `porthole-agent status` shows the running
+//! agent's session. Exit codes: [`porthole_agent::exit`].
 
-use std::path::{Path, PathBuf};
+mod commands;
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::SystemTime;
+use std::sync::Arc;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use nix::sys::signal::Signal;
-use porthole_agent::pidfile::{signal_agent, PidFile};
-use porthole_agent::{run, AgentConfig, AgentEvent, Outcome};
-use porthole_protocol::{Credential, Service};
+use porthole_agent::detach;
+use porthole_agent::events::SharedReporter;
+use porthole_agent::local::server::{Handles, Server};
+use porthole_agent::local::{socket::LocalSocket, socket_path};
+use porthole_agent::pidfile::PidFile;
+use porthole_agent::status::StatusCell;
+use porthole_agent::{print, run_with, AgentConfig, AgentEvent, Controls, Outcome};
+use porthole_protocol::Credential;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
+
+/// How long `wait` clients get to read the final status when the agent exits.
+const FLUSH: Duration = Duration::from_secs(2);
 
 /// Porthole agent: gives a CI build machine's SSH/VNC a public port on a Porthole relay.
 #[derive(Debug, Parser)]
@@ -31,12 +44,32 @@ struct Cli {
 enum Command {
     /// Serve the session (the default).
     Run(Box<AgentConfig>),
-    /// Tell the running agent that the build finished (sends it SIGUSR1, after checking
-    /// that the pid file names a porthole-agent).
+    /// Tell the running agent that the build finished (through its control socket; an
+    /// agent without one gets SIGUSR1, after checking that the pid file names a
+    /// porthole-agent). Exit 3 when no agent is running.
     Finish {
-        /// The running agent's pid file.
+        /// The running agent's pid file (its control socket is this path plus `.sock`).
         #[arg(long, env = "PORTHOLE_PID_FILE", default_value_os_t = porthole_agent::config::default_pid_file())]
         pid_file: PathBuf,
+        /// Then wait until the session ends (grace period over, hard cap, revoked),
+        /// printing the deadline and each change of it; exit 0 then.
+        #[arg(long)]
+        wait: bool,
+        /// Opt-in: if no user connected during the whole session and none connects within
+        /// this duration after the build finished, end the session now instead of at the
+        /// end of the grace period.
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        wait_if_nobody_connected: Option<Duration>,
+    },
+    /// Show the running agent's session: state, deadline, visitors connected now. Exit 0
+    /// while the session lives, 3 when no agent is running, 4 when the session ended.
+    Status {
+        /// The running agent's pid file (its control socket is this path plus `.sock`).
+        #[arg(long, env = "PORTHOLE_PID_FILE", default_value_os_t = porthole_agent::config::default_pid_file())]
+        pid_file: PathBuf,
+        /// Print the agent's status as one JSON object.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -47,29 +80,40 @@ fn main() -> ExitCode {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        // No colour codes in log files (`--detach`) and CI logs that are not terminals.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let result = match cli.command {
-        Some(Command::Finish { pid_file }) => finish(&pid_file),
-        Some(Command::Run(config)) => serve(*config),
-        None => serve(cli.run),
+        Some(Command::Finish {
+            pid_file,
+            wait,
+            wait_if_nobody_connected,
+        }) => commands::finish(&pid_file, wait, wait_if_nobody_connected),
+        Some(Command::Status { pid_file, json }) => commands::status(&pid_file, json),
+        Some(Command::Run(config)) => serve(*config).map_err(commands::Failure::error),
+        None => serve(cli.run).map_err(commands::Failure::error),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(message) => {
-            eprintln!("porthole-agent: error: {message}");
-            ExitCode::FAILURE
+        Err(failure) => {
+            eprintln!("porthole-agent: error: {}", failure.message);
+            ExitCode::from(failure.code)
         }
     }
 }
 
-fn finish(pid_file: &Path) -> Result<(), String> {
-    let pid = signal_agent(pid_file, Signal::SIGUSR1)?;
-    println!("porthole-agent: told the agent (pid {pid}) that the build finished; the grace period starts");
-    Ok(())
-}
-
 fn serve(config: AgentConfig) -> Result<(), String> {
     let resolved = config.resolve()?;
+    if config.detach && !config.detached_child {
+        return start_detached(&config, &resolved);
+    }
+    if config.detached_child {
+        detach::become_session_leader();
+        println!(
+            "porthole-agent: running in the background (pid {})",
+            std::process::id()
+        );
+    }
     if resolved.embedded_ssh.is_some() {
         // Shells of the embedded SSH server run as this user: keep them out of this
         // process's memory and /proc/PID/environ (its resume secret; the join token there is
@@ -83,25 +127,55 @@ fn serve(config: AgentConfig) -> Result<(), String> {
         tokio::runtime::Runtime::new().map_err(|e| format!("cannot start the runtime: {e}"))?;
     // Removed when it goes out of scope, if it still holds this process's pid.
     let pid_file = PidFile::create(&config.pid_file)?;
+    // Likewise the control socket next to it (owned by the server).
+    let (socket, listener) = LocalSocket::bind(&socket_path(&config.pid_file))?;
     let outcome = runtime.block_on(async {
-        let (finish_tx, finish_rx) = tokio::sync::watch::channel(false);
+        let (finish_tx, finished) = tokio::sync::watch::channel(false);
+        let (end_tx, end) = tokio::sync::watch::channel(false);
+        let status = StatusCell::new(std::process::id());
+        let reporter = SharedReporter(Arc::new(move |e: &AgentEvent| {
+            for line in print::event(e, &logins) {
+                println!("{line}");
+            }
+        }));
+        let server = Server::start(
+            socket,
+            listener,
+            Handles {
+                status: status.clone(),
+                finished: finish_tx.clone(),
+                end: end_tx,
+                reporter: reporter.clone(),
+            },
+        )?;
         let cancel = CancellationToken::new();
         let mut usr1 = signal(SignalKind::user_defined1()).map_err(|e| e.to_string())?;
         let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
         let stop = cancel.clone();
+        let finish_status = status.clone();
         tokio::spawn(async move {
             loop {
                 tokio::select! {
-                    _ = usr1.recv() => { let _ = finish_tx.send(true); }
+                    _ = usr1.recv() => {
+                        finish_status.update(|s| s.finish_requested = true);
+                        finish_tx.send_replace(true);
+                    }
                     _ = term.recv() => { stop.cancel(); break; }
                     _ = tokio::signal::ctrl_c() => { stop.cancel(); break; }
                 }
             }
         });
-        let reporter = move |e: &AgentEvent| print_event(e, &logins);
-        run(resolved, Box::new(reporter), finish_rx, cancel)
+        let controls = Controls {
+            finished,
+            end,
+            status,
+        };
+        let outcome = run_with(resolved, Box::new(reporter), controls, cancel)
             .await
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string());
+        // The status is final now: let `finish --wait` clients read it.
+        server.shutdown(FLUSH).await;
+        outcome
     });
     drop(pid_file);
     match outcome? {
@@ -111,64 +185,56 @@ fn serve(config: AgentConfig) -> Result<(), String> {
     Ok(())
 }
 
-fn time(t: SystemTime) -> String {
-    humantime::format_rfc3339_seconds(t).to_string()
+/// `--detach`: starts the background agent and prints what the build log needs.
+fn start_detached(config: &AgentConfig, resolved: &porthole_agent::Resolved) -> Result<(), String> {
+    let log = config
+        .log_file
+        .clone()
+        .unwrap_or_else(|| detach::default_log_file(&config.pid_file));
+    let started = detach::launch(
+        &config.pid_file,
+        &log,
+        resolved.connect_timeout,
+        &resolved.token,
+    )?;
+    let status = &started.status;
+    let session_id = status.session_id.as_deref().unwrap_or("?");
+    let deadline = status.deadline().unwrap_or_else(std::time::SystemTime::now);
+    for line in print::instructions(
+        session_id,
+        &status.endpoints,
+        deadline,
+        &resolved.credentials,
+    ) {
+        println!("{line}");
+    }
+    println!(
+        "porthole-agent: running in the background (pid {}); log: {}; pid file: {}",
+        started.pid,
+        started.log.display(),
+        config.pid_file.display()
+    );
+    println!(
+        "porthole-agent: when the build is done, run `porthole-agent finish --wait` (in a step \
+         that always runs)"
+    );
+    Ok(())
 }
 
-/// Prints events for the build log. Never prints a token or password: build logs are read
-/// by many, including users who may not get remote access.
-fn print_event(event: &AgentEvent, logins: &[Credential]) {
-    let login = |service: Service| logins.iter().find(|c| c.service == service);
-    match event {
-        AgentEvent::Registered {
-            session_id,
-            endpoints,
-            deadline,
-            resumed,
-        } => {
-            if *resumed {
-                println!("porthole-agent: resumed session {session_id}");
-                return;
-            }
-            println!(
-                "porthole-agent: remote access session {session_id} is open until {}",
-                time(*deadline)
-            );
-            println!("Remote access instructions (passwords are on the remote access instructions page):");
-            for e in endpoints {
-                let user = login(e.service)
-                    .map(|c| c.username.as_str())
-                    .unwrap_or("<user>");
-                let has_password = login(e.service).is_some_and(|c| c.password.is_some());
-                let password = if has_password {
-                    "password: on the instructions page"
-                } else {
-                    "key authentication"
-                };
-                match e.service {
-                    Service::Ssh => println!(
-                        "  ssh  {}:{}  ssh -p {} {user}@{}  ({password})",
-                        e.host, e.port, e.port, e.host
-                    ),
-                    Service::Vnc => println!(
-                        "  vnc  {}:{}  VNC viewer, user {user}  ({password})",
-                        e.host, e.port
-                    ),
-                }
-            }
-        }
-        AgentEvent::Deadline { deadline } => {
-            println!(
-                "porthole-agent: build finished; remote access ends at {}",
-                time(*deadline)
-            )
-        }
-        AgentEvent::Reconnecting { error, retry_in_ms } => {
-            println!(
-                "porthole-agent: {error}; reconnecting in {:.1}s",
-                *retry_in_ms as f64 / 1000.0
-            )
-        }
-        AgentEvent::Revoked { .. } => {}
+#[cfg(test)]
+mod tests {
+    use porthole_agent::exit;
+
+    #[test]
+    fn exit_codes_stay_apart() {
+        let codes = [
+            exit::OK,
+            exit::ERROR,
+            exit::USAGE,
+            exit::NO_AGENT,
+            exit::SESSION_ENDED,
+        ];
+        let unique: std::collections::BTreeSet<u8> = codes.into_iter().collect();
+        assert_eq!(unique.len(), codes.len());
     }
 }

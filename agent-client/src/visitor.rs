@@ -210,11 +210,14 @@ pub async fn dial_data(
             Err(e) => return Err(format!("cannot open a data connection: {e}")),
         },
     };
-    drop(dialing);
     let sent = match &mut data {
         DataConn::Tcp(s) => s.write_all(&frame_bytes).await,
         DataConn::Tls(s) => s.write_all(&frame_bytes).await,
     };
+    // The relay counts a connection as a pending handshake until its first frame arrives:
+    // hold the dial slot until that frame is sent, so the agent's own burst stays under the
+    // relay's per-address cap even when the relay is slow to read.
+    drop(dialing);
     sent.map_err(|e| format!("cannot send {}: {e}", first.kind()))?;
     Ok(data)
 }

@@ -261,21 +261,33 @@ fn the_relay_refuses_hellos_whose_user_names_are_not_portable() -> anyhow::Resul
     Ok(())
 }
 
-/// Waits for the next `visitors` report on a raw link, answering pings and refusing every
-/// `open` (`open_failed`: the visitor is closed at once).
-async fn next_count(link: &mut raw::RawLink) -> anyhow::Result<u32> {
+/// Reads a raw link until `want` picks a message, answering pings and noting the conn ids
+/// of `open`s (left unanswered: the visitor waits).
+async fn read_until<T>(
+    link: &mut raw::RawLink,
+    opens: &mut Vec<u64>,
+    want: impl Fn(&Message) -> Option<T>,
+) -> anyhow::Result<T> {
     use futures_util::{SinkExt, StreamExt};
     loop {
-        match tokio::time::timeout(std::time::Duration::from_secs(10), link.next()).await? {
-            Some(Ok(Message::Visitors { count })) => return Ok(count),
-            Some(Ok(Message::Ping { seq })) => link.send(Message::Pong { seq }).await?,
-            Some(Ok(Message::Open { conn_id, .. })) => {
-                let reason = "the fake agent serves nobody".into();
-                link.send(Message::OpenFailed { conn_id, reason }).await?
-            }
-            Some(Ok(_)) => continue,
-            other => anyhow::bail!("no visitors report: {other:?}"),
+        let msg = tokio::time::timeout(std::time::Duration::from_secs(10), link.next())
+            .await?
+            .context("the link closed")??;
+        if let Some(found) = want(&msg) {
+            return Ok(found);
         }
+        match msg {
+            Message::Ping { seq } => link.send(Message::Pong { seq }).await?,
+            Message::Open { conn_id, .. } => opens.push(conn_id),
+            _ => {}
+        }
+    }
+}
+
+fn count(m: &Message) -> Option<u32> {
+    match m {
+        Message::Visitors { count } => Some(*count),
+        _ => None,
     }
 }
 
@@ -304,23 +316,43 @@ fn the_relay_reports_visitor_counts_and_ends_unvisited_sessions_on_request() -> 
     );
     relay.rt.block_on(confirm(&mut link))?;
     // A visitor connects: the agent is told 1 (on admission, before any data connection).
+    let mut opens = Vec::new();
     let visitor = relay.connect_from("127.0.0.1".parse()?, session.port("ssh"))?;
-    ensure!(
-        relay.rt.block_on(next_count(&mut link))? == 1,
-        "count after one visitor"
-    );
-    // `end` while a visitor is connected changes nothing.
-    relay.rt.block_on(link.send(Message::End))?;
-    // The fake agent refuses the visitor's `open`: it leaves, 0.
-    ensure!(
-        relay.rt.block_on(next_count(&mut link))? == 0,
-        "count after it left"
-    );
-    drop(visitor);
+    let first = relay
+        .rt
+        .block_on(read_until(&mut link, &mut opens, count))?;
+    ensure!(first == 1, "count after one visitor: {first}");
+    // `end` while the visitor is connected (its `open` unanswered) changes nothing: a ping
+    // after it comes back only once the relay handled the `end`.
+    relay.rt.block_on(async {
+        link.send(Message::End).await?;
+        link.send(Message::Ping { seq: 99 }).await?;
+        let pong = |m: &Message| matches!(m, Message::Pong { seq: 99 }).then_some(());
+        read_until(&mut link, &mut opens, pong).await
+    })?;
     ensure!(
         relay.state(&session.id)? == "active",
         "end with a visitor connected ended the session"
     );
+    // The fake agent refuses the visitor's `open`: it leaves, 0.
+    relay.rt.block_on(async {
+        let open = |m: &Message| match m {
+            Message::Open { conn_id, .. } => Some(*conn_id),
+            _ => None,
+        };
+        let conn_id = match opens.first() {
+            Some(id) => *id,
+            None => read_until(&mut link, &mut opens, open).await?,
+        };
+        let reason = "the fake agent serves nobody".into();
+        link.send(Message::OpenFailed { conn_id, reason }).await?;
+        let mut last = 1;
+        while last != 0 {
+            last = read_until(&mut link, &mut opens, count).await?;
+        }
+        anyhow::Ok(())
+    })?;
+    drop(visitor);
     // With nobody connected, `end` revokes the session.
     relay.rt.block_on(link.send(Message::End))?;
     let view = relay.wait_state(&session.id, "revoked", std::time::Duration::from_secs(10))?;

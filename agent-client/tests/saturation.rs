@@ -156,11 +156,22 @@ fn a_burst_of_admitted_visitors_is_not_refused_by_the_per_address_handshake_cap(
         served += usize::from(v.join().map_err(|_| anyhow::anyhow!("visitor panicked"))?);
     }
     let m = &relay.handle.relay.metrics;
+    let refusals: Vec<String> = porthole_relay::guards::VisitorRefusal::ALL
+        .iter()
+        .map(|r| {
+            (
+                r.as_str(),
+                m.refusals.with_label_values(&[r.as_str()]).get(),
+            )
+        })
+        .filter(|(_, n)| *n > 0)
+        .map(|(r, n)| format!("{r}: {n}"))
+        .collect();
     ensure!(
         served == BURST,
-        "{served} of {BURST} simultaneous visitors were served; the relay refused {} as \
-         agent_failed after refusing {} of the agent's data connections at the cap of 64 \
-         pending handshakes per address",
+        "{served} of {BURST} simultaneous visitors were served; visitor refusals {refusals:?}; \
+         the relay refused {} as agent_failed after refusing {} of the agent's data connections \
+         at the cap of 64 pending handshakes per address",
         m.refusals.with_label_values(&["agent_failed"]).get(),
         m.handshake_failures
             .with_label_values(&["per_ip_limit"])

@@ -187,9 +187,9 @@ fn idle_warm_connections_are_retired_and_replaced() -> anyhow::Result<()> {
             .handle
             .relay
             .sessions
-            .iter()
+            .list()
+            .into_iter()
             .next()
-            .map(|s| s.value().clone())
             .ok_or_else(|| anyhow::anyhow!("no session"))?;
         Ok(session.next_id())
     };

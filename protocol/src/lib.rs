@@ -19,7 +19,8 @@
 //! # Wire format
 //! A control frame is a 4-byte big-endian payload length followed by the payload, a JSON
 //! object tagged by `"type"` (see [`message::Message`]). The first frame of a connection is
-//! `hello` (control connection) or `attach` (data connection for one visitor; raw bytes follow).
+//! `hello` (control connection), `attach` (data connection for one visitor; raw bytes follow)
+//! or `park` (a warm data connection waiting for its visitor's `assign`).
 
 pub mod codec;
 pub mod forward;

@@ -204,6 +204,15 @@ pub async fn refuse<S>(
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     relay.refusals.agent(peer, code.as_str(), &message);
+    farewell(framed, code, message).await;
+}
+
+/// Sends a typed error and closes the connection, within [`FAREWELL_TIMEOUT`] (no log: for
+/// notices that are not refusals, such as a shutdown).
+pub async fn farewell<S>(framed: &mut Framed<S, MessageCodec>, code: ErrorCode, message: String)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let farewell = async {
         let _ = framed.send(Message::Error { code, message }).await;
         let _ = framed.close().await;

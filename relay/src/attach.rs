@@ -31,7 +31,7 @@ pub async fn run<S>(
 {
     let waiting = relay.sessions.get(session_id).and_then(|s| {
         let from = from_link_only.then_some(peer);
-        s.value().take_open(conn_id, secret, from)
+        s.take_open(conn_id, secret, from)
     });
     let Some(tx) = waiting else {
         let msg = format!(

@@ -6,7 +6,7 @@
 //! ([`crate::refusals`]), so a flood writes a few lines, not one per connection.
 //!
 //! Rotation: the file is reopened on SIGUSR2 ([`AuditLog::reopen`]), so `logrotate` can
-//! rename it and signal the relay (README "Audit log rotation"). A write that fails (a full
+//! rename it and signal the relay (`docs/security.md` has a logrotate example). A write that fails (a full
 //! disk) is logged once when the failures start and once when they end; the action it
 //! records goes ahead, so live sessions keep working.
 

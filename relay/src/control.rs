@@ -1,6 +1,6 @@
 //! A control connection after its `hello`: register (join or resume), then serve the link:
-//! queued messages to the agent, heartbeats both ways, `finish` and `open_failed` from the
-//! agent, and a `revoked` farewell when the session ends.
+//! queued messages to the agent, heartbeats both ways, `finish`, `end`, `open_failed` and
+//! `visitor_authenticated` from the agent, and a `revoked` farewell when the session ends.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -12,7 +12,7 @@ use porthole_protocol::message::HelloAuth;
 use porthole_protocol::{Credential, ErrorCode, FrameError, Message, Service};
 
 use crate::access::Access;
-use crate::agent_endpoint::{refuse, AgentFramed};
+use crate::agent_endpoint::{farewell, refuse, AgentFramed};
 use crate::lifecycle::RevokeReason;
 use crate::limits::FAREWELL_TIMEOUT;
 use crate::registry::{unix_ms, AgentOffer, Refusal, Registration};
@@ -69,8 +69,8 @@ pub async fn run(relay: Arc<Relay>, mut framed: AgentFramed, hello: Hello, peer:
         }
     };
     let registered = match &auth {
-        HelloAuth::Join { token } => relay.join(token, &offer),
-        HelloAuth::Resume { session_id, secret } => relay.resume(session_id, secret, &offer),
+        HelloAuth::Join { token } => relay.join(token, &offer).await,
+        HelloAuth::Resume { session_id, secret } => relay.resume(session_id, secret, &offer).await,
     };
     let reg = match registered {
         Ok(reg) => reg,
@@ -120,11 +120,14 @@ async fn serve(relay: &Relay, peer: IpAddr, mut framed: AgentFramed, mut reg: Re
             () = relay.stopping.cancelled() => {
                 // Tell the agent to come back to the restarted relay; its visitors drain.
                 let msg = "the relay is restarting: reconnect shortly".to_owned();
-                refuse(relay, peer, &mut framed, ErrorCode::ShuttingDown, msg).await;
+                farewell(&mut framed, ErrorCode::ShuttingDown, msg).await;
                 session.link_released(reg.link.id, SystemTime::now());
                 return;
             }
             Some(msg) = reg.rx.recv() => result = send(&mut framed, msg, limit).await,
+            Some(count) = visitor_count_changed(&mut reg.visitor_count) => {
+                result = send(&mut framed, Message::Visitors { count }, limit).await;
+            }
             _ = ticker.tick() => {
                 if last_heard.elapsed() > limit {
                     tracing::warn!(session_id = %session.id, "agent link dead: no frame for three heartbeat intervals");
@@ -136,7 +139,7 @@ async fn serve(relay: &Relay, peer: IpAddr, mut framed: AgentFramed, mut reg: Re
             frame = framed.next() => {
                 last_heard = Instant::now();
                 if !confirmed && matches!(frame, Some(Ok(_))) {
-                    relay.confirm_registration(&session, reg.link.id);
+                    relay.confirm_registration(&session, reg.link.id).await;
                     confirmed = true;
                 }
                 match frame {
@@ -150,7 +153,7 @@ async fn serve(relay: &Relay, peer: IpAddr, mut framed: AgentFramed, mut reg: Re
                         }
                     }
                     Some(Ok(Message::Finish)) => {
-                        if let Err(e) = relay.finish(&session, "agent") {
+                        if let Err(e) = relay.finish(&session, "agent").await {
                             tracing::error!(session_id = %session.id, error = %e, "cannot save the finish");
                         }
                     }
@@ -192,6 +195,20 @@ async fn serve(relay: &Relay, peer: IpAddr, mut framed: AgentFramed, mut reg: Re
         let _ = tokio::time::timeout(FAREWELL_TIMEOUT, farewell).await;
     }
     session.link_lost(reg.link.id, SystemTime::now());
+}
+
+/// The visitor count once it changes (the latest, coalesced); never resolves for agents
+/// that did not ask for reports, or once the watch is gone.
+async fn visitor_count_changed(
+    count: &mut Option<tokio::sync::watch::Receiver<u32>>,
+) -> Option<u32> {
+    let Some(rx) = count else {
+        return std::future::pending().await;
+    };
+    if rx.changed().await.is_err() {
+        return std::future::pending().await;
+    }
+    Some(*rx.borrow_and_update())
 }
 
 /// Sends one frame, failing when the agent has not taken it within `limit`.

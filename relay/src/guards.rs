@@ -37,8 +37,8 @@ pub enum VisitorRefusal {
     /// A VNC port got something other than a VNC client's `RFB 003.00x` version reply in
     /// time.
     NotVnc,
-    /// Too many visitors (relay-wide, or from this source) are still to show they are SSH
-    /// clients.
+    /// Too many visitors (relay-wide, or from this source) are still completing their
+    /// protocol's opening.
     TooManyPending,
 }
 

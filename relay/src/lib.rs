@@ -11,9 +11,12 @@
 //! - [`bootstrap`]: the data dir on start: TLS certificate (generated if absent), admin token.
 //! - [`shared`]: [`Relay`], the state all tasks share.
 //! - [`lifecycle`]: the pure session state machine and deadlines.
-//! - [`store`]: the embedded state store (redb) that lets sessions survive restarts.
+//! - [`store`]: the durable side of sessions behind one seam ([`store::SessionStore`]):
+//!   records with versions, the embedded redb store, an in-memory one for tests.
 //! - [`persist`]: sessions to and from the store (write before telling; restore on start).
 //! - [`session`]: one session: facts, lifecycle, agent link, visitors awaiting data.
+//! - [`sessions`]: [`sessions::SessionRegistry`], the sessions by id and join token (the
+//!   only holder of the maps).
 //! - [`access`]: credentials and SSH host keys reported by the agent (memory only).
 //! - [`guards`]: allowed source CIDRs and per-source-IP rate limits for visitors.
 //! - [`user_token`]: HS256 user tokens (verify, mint, shared secret file).
@@ -60,6 +63,7 @@ pub mod registry;
 pub mod rfb;
 pub mod scanner;
 pub mod session;
+pub mod sessions;
 pub mod shared;
 pub mod store;
 pub mod supervisor;
@@ -204,7 +208,7 @@ pub async fn start(config: RelayConfig) -> Result<RelayHandle, RelayError> {
     let audit = audit::AuditLog::open(&audit_log_path)?;
     let metrics =
         metrics::Metrics::new().map_err(|e| RelayError::Config(format!("metrics: {e}")))?;
-    let store = store::Store::open(&config.data_dir.join("state.redb"))?;
+    let store = Arc::new(store::RedbStore::open(&config.data_dir.join("state.redb"))?);
     let tls = shared::TlsFiles {
         resolver: boot.cert.clone(),
         cert_path: boot.cert_path.clone(),
@@ -242,7 +246,7 @@ pub async fn start(config: RelayConfig) -> Result<RelayHandle, RelayError> {
         )
         .await;
     });
-    let restored = relay.restore()?;
+    let restored = relay.restore().await?;
     if restored > 0 {
         tracing::info!(
             sessions = restored,

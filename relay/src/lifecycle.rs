@@ -1,11 +1,13 @@
-//! The session state machine and its deadlines, pure: every method takes `now`, so the rules
-//! are tested without a clock.
+//! The session state machine and its deadlines, pure: no clock is read here (methods that
+//! need the time take `now`), so the rules are tested without one.
 //!
 //! ```text
 //! pending --agent joins--> active <--link lost / resumed--> disconnected
 //!    |                        |  finish: deadline = min(now + grace, hard cap)
 //!    |                        v
-//!    +--join TTL--------> revoked <-- deadline, hard cap, DELETE, agent lost too long
+//!    |                    finishing
+//!    |                        |
+//!    +--join TTL--------> revoked <-- deadline, hard cap, DELETE, end, agent lost too long
 //! ```
 //! The state is derived from the facts kept here (joined, link down since, finish deadline,
 //! revoked), never stored twice.
@@ -49,7 +51,8 @@ impl SessionState {
 pub enum LifetimePolicy {
     /// The session ends at min(finish + grace, hard cap).
     GraceAfterFinish,
-    /// Like grace after finish, but while a visitor is connected the grace deadline does
+    /// Like grace after finish, but while a holding visitor (plausibly logged in: see
+    /// [`Lifecycle::holding`]) is connected the grace deadline does
     /// not apply (up to the hard cap), and the last visitor leaving starts a fresh grace.
     ExtendWhileConnected,
 }
@@ -155,7 +158,8 @@ pub struct Lifecycle {
     /// by the agent's embedded SSH server): only they hold an
     /// [`LifetimePolicy::ExtendWhileConnected`] session open.
     pub holding: usize,
-    /// An agent has joined (the join token is spent).
+    /// An agent has joined (the join token itself is spent only once a registration is
+    /// confirmed: `SessionInner::join_spent`).
     pub joined: bool,
     /// Since when the agent link has been down (None while up, or before joining).
     pub link_down_since: Option<SystemTime>,

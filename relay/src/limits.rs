@@ -37,11 +37,12 @@ pub const FAREWELL_TIMEOUT: Duration = Duration::from_secs(2);
 /// need one control and a few data handshakes at a time).
 pub const MAX_PENDING_HANDSHAKES_PER_IP: usize = 64;
 
-/// Visitors (all sessions) that may wait at once for their SSH identification line.
+/// Visitors (all sessions) that may be completing their protocol's opening at once (SSH
+/// identification line, VNC version reply).
 pub const MAX_PENDING_VISITORS: usize = 4096;
 
-/// Visitors from one source (IPv4 address, IPv6 /64) that may wait at once for their SSH
-/// identification line, over all sessions.
+/// Visitors from one source (IPv4 address, IPv6 /64) that may be completing their protocol's
+/// opening at once, over all sessions.
 pub const MAX_PENDING_VISITORS_PER_IP: usize = 32;
 
 /// Bytes of an SSH client's identification line read before deciding (RFC 4253 allows 255).

@@ -300,8 +300,8 @@ impl Metrics {
         ];
         let mut counts = [0i64; 5];
         let mut agents = 0;
-        for entry in relay.sessions.iter() {
-            let inner = entry.value().lock();
+        for session in relay.sessions.list() {
+            let inner = session.lock();
             let state = inner.life.state();
             if let Some(i) = states.iter().position(|s| *s == state) {
                 counts[i] += 1;

@@ -1,46 +1,72 @@
 //! Sessions to and from the state store: each change a peer is told about is written first
-//! ([`Relay::persist`]); on start, stored sessions come back ([`Relay::restore`]) with their
-//! ports rebound, their deadlines kept, and their agents expected to resume.
+//! ([`Relay::save`], awaited before telling); on start, stored sessions come back
+//! ([`Relay::restore`]) with their ports rebound, their deadlines kept, and their agents
+//! expected to resume.
 
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
+
+use futures_util::future::BoxFuture;
 
 use crate::error::RelayError;
 use crate::guards::Guards;
 use crate::lifecycle::{LifetimePolicy, RevokeReason};
 use crate::session::{Session, SessionInner, SessionSpec};
 use crate::shared::Relay;
-use crate::store::{hash_from_hex, hash_hex, StoredSession, FORMAT};
+use crate::store::{hash_from_hex, hash_hex, SessionRecord, SessionStore, StoreError, FORMAT};
 use crate::{public, supervisor};
 
 impl Relay {
-    /// Writes the session as `inner` describes it, durably.
-    pub fn persist(&self, session: &Session, inner: &SessionInner) -> Result<(), RelayError> {
-        let mut record = StoredSession {
-            format: FORMAT,
-            id: session.id.clone(),
-            build_id: session.build_id.clone(),
-            app_id: session.app_id.clone(),
-            endpoints: session.endpoints.clone(),
-            join_hash: hash_hex(session.join_hash),
-            resume_hash: inner.resume_hash.map(hash_hex),
-            pending_resume_hash: inner.pending_resume_hash.map(hash_hex),
-            confirmed: inner.confirmed,
-            join_spent: inner.join_spent,
-            allow_cidrs: session.guards.allow_cidrs().to_vec(),
-            max_visitors: session.max_visitors,
-            created_at_ms: 0,
-            join_by_ms: 0,
-            hard_cap_ms: 0,
-            grace_ms: 0,
-            resume_window_ms: 0,
-            policy: inner.life.policy,
-            joined: false,
-            finish_deadline_ms: None,
-            revoked: None,
-        };
-        record.set_lifecycle(&inner.life);
-        self.store.put(&record)
+    /// Queues the session's record as `inner` describes it, with the next version. Call it
+    /// under the session lock (one session's writes then stay in order) and await the
+    /// returned future after releasing the lock: it resolves once the record is durable.
+    pub fn save(
+        &self,
+        session: &Session,
+        inner: &mut SessionInner,
+    ) -> BoxFuture<'static, Result<(), StoreError>> {
+        save(&self.store, session, inner)
+    }
+
+    /// After a failed write: the next write goes on top of what the store holds, so a lost
+    /// write does not make every later one conflict.
+    pub async fn resync_version(&self, session: &Session) {
+        match self.store.get(&session.id).await {
+            Ok(stored) => session.lock().version = stored.map_or(0, |r| r.version),
+            Err(e) => {
+                tracing::warn!(session_id = %session.id, error = %e, "cannot read the session's stored version")
+            }
+        }
+    }
+
+    /// Awaits a queued write in the background (for changes that stand in memory whatever
+    /// the store says: revocations). On failure it takes the stored version and writes the
+    /// session as it is now once more, so the change is not lost to a conflict.
+    pub fn save_in_background(
+        &self,
+        session: &Arc<Session>,
+        saved: BoxFuture<'static, Result<(), StoreError>>,
+        what: &'static str,
+    ) {
+        let (store, session) = (self.store.clone(), session.clone());
+        self.tasks.spawn(async move {
+            let Err(e) = saved.await else { return };
+            tracing::warn!(session_id = %session.id, error = %e, "cannot save the {what}; retrying once");
+            let stored = match store.get(&session.id).await {
+                Ok(stored) => stored.map_or(0, |r| r.version),
+                Err(e) => {
+                    return tracing::error!(session_id = %session.id, error = %e, "cannot save the {what}")
+                }
+            };
+            let retried = {
+                let mut inner = session.lock();
+                inner.version = stored;
+                save(&store, &session, &mut inner)
+            };
+            if let Err(e) = retried.await {
+                tracing::error!(session_id = %session.id, error = %e, "cannot save the {what}");
+            }
+        });
     }
 
     /// Brings back every stored session: live ones get their ports rebound (a port that
@@ -48,10 +74,15 @@ impl Relay {
     /// that passed while the relay was down revoke at once; revoked ones stay visible until
     /// their retention ends and their ports finish cooling down. Returns how many sessions
     /// are live.
-    pub fn restore(self: &Arc<Self>) -> Result<usize, RelayError> {
+    pub async fn restore(self: &Arc<Self>) -> Result<usize, RelayError> {
         let now = SystemTime::now();
         let mut live = 0;
-        for record in self.store.load_all()? {
+        let records = self
+            .store
+            .list()
+            .await
+            .map_err(|e| RelayError::Store(e.to_string()))?;
+        for record in records {
             let mut life = record.lifecycle(now);
             // Visitors of an extend_while_connected session were cut by the restart: that is
             // the last visitor leaving, which starts a fresh grace.
@@ -63,7 +94,10 @@ impl Relay {
             if let Some((_, revoked_at)) = life.revoked {
                 let age = now.duration_since(revoked_at).unwrap_or_default();
                 if age >= self.config.revoked_retention {
-                    self.store.remove(&record.id)?;
+                    self.store
+                        .remove(&record.id)
+                        .await
+                        .map_err(|e| RelayError::Store(e.to_string()))?;
                     continue;
                 }
                 let rest = self.config.port_cooldown.saturating_sub(age);
@@ -72,8 +106,7 @@ impl Relay {
             }
             let session = Arc::new(self.session_from(&record)?);
             session.lock().life = life;
-            self.by_join.insert(session.join_hash, session.id.clone());
-            self.sessions.insert(session.id.clone(), session.clone());
+            self.sessions.insert(session.clone());
             let due = session.lock().life.due(now);
             if let Some(reason) = due {
                 // The deadline passed while the relay was down: revoke before serving.
@@ -106,7 +139,7 @@ impl Relay {
         Ok(live)
     }
 
-    fn session_from(&self, r: &StoredSession) -> Result<Session, RelayError> {
+    fn session_from(&self, r: &SessionRecord) -> Result<Session, RelayError> {
         let bad = |what: &str| RelayError::Store(format!("session {}: bad {what}", r.id));
         let join_hash = hash_from_hex(&r.join_hash).ok_or_else(|| bad("join hash"))?;
         let parse = |h: &Option<String>, what: &str| match h {
@@ -142,6 +175,7 @@ impl Relay {
             // Records written before `join_spent` existed: a confirmed, joined session's
             // token was spent then too.
             inner.join_spent = r.join_spent || (r.joined && r.confirmed);
+            inner.version = r.version;
         }
         Ok(session)
     }
@@ -150,4 +184,40 @@ impl Relay {
 /// A rate setting as the non-zero the limiter needs (validated non-zero at start).
 pub fn nonzero(n: u32) -> std::num::NonZeroU32 {
     std::num::NonZeroU32::new(n).unwrap_or(std::num::NonZeroU32::MIN)
+}
+
+/// [`Relay::save`] for a store and a session (also used by background retries).
+pub fn save(
+    store: &Arc<dyn SessionStore>,
+    session: &Session,
+    inner: &mut SessionInner,
+) -> BoxFuture<'static, Result<(), StoreError>> {
+    inner.version += 1;
+    let mut record = SessionRecord {
+        format: FORMAT,
+        version: inner.version,
+        owner: None,
+        id: session.id.clone(),
+        build_id: session.build_id.clone(),
+        app_id: session.app_id.clone(),
+        endpoints: session.endpoints.clone(),
+        join_hash: hash_hex(session.join_hash),
+        resume_hash: inner.resume_hash.map(hash_hex),
+        pending_resume_hash: inner.pending_resume_hash.map(hash_hex),
+        confirmed: inner.confirmed,
+        join_spent: inner.join_spent,
+        allow_cidrs: session.guards.allow_cidrs().to_vec(),
+        max_visitors: session.max_visitors,
+        created_at_ms: 0,
+        join_by_ms: 0,
+        hard_cap_ms: 0,
+        grace_ms: 0,
+        resume_window_ms: 0,
+        policy: inner.life.policy,
+        joined: false,
+        finish_deadline_ms: None,
+        revoked: None,
+    };
+    record.set_lifecycle(&inner.life);
+    store.put(record)
 }

@@ -18,8 +18,11 @@ use crate::limits::CONTROL_QUEUE;
 use crate::persist::nonzero;
 use crate::session::{Link, Session, SessionSpec};
 use crate::shared::Relay;
+use crate::store::StoreError;
 use crate::untrusted::valid_session_id;
 use crate::{public, supervisor};
+use futures_util::future::BoxFuture;
+use porthole_protocol::secret::SecretHash;
 
 /// What the API asks for when it creates a session.
 #[derive(Clone, Debug)]
@@ -58,6 +61,26 @@ pub struct AgentOffer {
 /// A refusal to an agent: code and message for the `error` frame.
 pub type Refusal = (ErrorCode, String);
 
+/// What [`Relay::claim_link`] took under the session lock.
+struct Claimed {
+    /// The new link.
+    link: Link,
+    /// Its receiving end.
+    rx: mpsc::Receiver<Message>,
+    /// The visitor count for the agent, when it asked for reports.
+    count_rx: Option<tokio::sync::watch::Receiver<u32>>,
+    /// The new resume secret.
+    resume_secret: Secret,
+    /// The new park secret.
+    park_secret: Secret,
+    /// The fields to put back if the write fails: pending resume hash, confirmed, joined,
+    /// link down since (only what the registration changed, so visitor counts and a
+    /// revocation that happened meanwhile are left alone).
+    before: (Option<SecretHash>, bool, bool, Option<SystemTime>),
+    /// The queued write.
+    saved: BoxFuture<'static, Result<(), StoreError>>,
+}
+
 /// A registered agent link.
 #[derive(Debug)]
 pub struct Registration {
@@ -73,11 +96,13 @@ pub struct Registration {
     pub park_secret: Secret,
     /// Whether this was a resume.
     pub resumed: bool,
+    /// The visitor count to report to the agent, when it asked for reports.
+    pub visitor_count: Option<tokio::sync::watch::Receiver<u32>>,
 }
 
 impl Relay {
     /// Creates a session: binds its public ports and starts its supervisor.
-    pub fn create_session(
+    pub async fn create_session(
         self: &Arc<Self>,
         req: NewSession,
     ) -> Result<(Arc<Session>, Secret), RelayError> {
@@ -118,14 +143,14 @@ impl Relay {
         let life = Lifecycle::new(SystemTime::now(), settings);
         let session = Arc::new(Session::new(spec, life, self.cancel.child_token()));
         // Durable before the API answers; the ports go back if it is not.
-        if let Err(e) = self.persist(&session, &session.lock()) {
+        let saved = self.save(&session, &mut session.lock());
+        if let Err(e) = saved.await {
             let ports: Vec<u16> = listeners.iter().map(|(p, _)| *p).collect();
             drop(listeners);
             self.pool.release_now(&ports);
-            return Err(e);
+            return Err(RelayError::Store(e.to_string()));
         }
-        self.by_join.insert(session.join_hash, id.clone());
-        self.sessions.insert(id.clone(), session.clone());
+        self.sessions.insert(session.clone());
         for ((port, listener), service) in listeners.into_iter().zip(req.services) {
             self.tasks.spawn(public::serve_port(
                 self.clone(),
@@ -150,19 +175,16 @@ impl Relay {
     }
 
     /// Registers an agent that presents a join token.
-    pub fn join(&self, token: &Secret, agent: &AgentOffer) -> Result<Registration, Refusal> {
-        let id = self.by_join.get(&token.hash()).map(|e| e.value().clone());
-        let session = id
-            .and_then(|id| self.sessions.get(&id).map(|s| s.value().clone()))
-            .ok_or((
-                ErrorCode::BadToken,
-                "unknown join token: check it was copied whole, or create a new session".to_owned(),
-            ))?;
-        self.register(session, agent, false)
+    pub async fn join(&self, token: &Secret, agent: &AgentOffer) -> Result<Registration, Refusal> {
+        let session = self.sessions.by_join_token(token).ok_or((
+            ErrorCode::BadToken,
+            "unknown join token: check it was copied whole, or create a new session".to_owned(),
+        ))?;
+        self.register(session, agent, false).await
     }
 
     /// Registers an agent that presents a session id and resume secret.
-    pub fn resume(
+    pub async fn resume(
         &self,
         session_id: &str,
         secret: &Secret,
@@ -180,11 +202,7 @@ impl Relay {
                 format!("unknown session `{session_id}` or wrong resume secret"),
             )
         };
-        let session = self
-            .sessions
-            .get(session_id)
-            .map(|s| s.value().clone())
-            .ok_or_else(bad)?;
+        let session = self.sessions.get(session_id).ok_or_else(bad)?;
         let known = {
             let inner = session.lock();
             [inner.resume_hash, inner.pending_resume_hash]
@@ -192,10 +210,10 @@ impl Relay {
         if !known.iter().flatten().any(|h| secret.matches(h)) {
             return Err(bad());
         }
-        self.register(session, agent, true)
+        self.register(session, agent, true).await
     }
 
-    fn register(
+    async fn register(
         &self,
         session: Arc<Session>,
         agent: &AgentOffer,
@@ -210,6 +228,70 @@ impl Relay {
                 "session {} needs service `{missing}` but the agent offers none: add --service {missing}=HOST:PORT",
                 session.id)));
         }
+        let Claimed {
+            link,
+            rx,
+            count_rx,
+            resume_secret,
+            park_secret,
+            before,
+            saved,
+        } = self.claim_link(&session, agent, resume)?;
+        if let Err(e) = saved.await {
+            tracing::error!(session_id = %session.id, error = %e, "cannot save the registration");
+            {
+                let mut inner = session.lock();
+                if inner.link.as_ref().is_some_and(|l| l.id == link.id) {
+                    inner.link = None;
+                    let (pending, confirmed, joined, down_since);
+                    (pending, confirmed, joined, down_since) = before;
+                    inner.pending_resume_hash = pending;
+                    inner.confirmed = confirmed;
+                    inner.life.joined = joined;
+                    inner.life.link_down_since = down_since;
+                }
+            }
+            link.cancel.cancel();
+            self.resync_version(&session).await;
+            return Err((
+                ErrorCode::Internal,
+                "the relay could not save the session; retrying may help".into(),
+            ));
+        }
+        session.changed.notify_one();
+        let kind = if resume { "resume" } else { "join" };
+        self.metrics.registrations.with_label_values(&[kind]).inc();
+        let (session_id, agent_ip) = (session.id.clone(), agent.ip);
+        self.audit.record(if resume {
+            AuditEvent::SessionResumed {
+                session_id,
+                agent_ip,
+            }
+        } else {
+            AuditEvent::SessionJoined {
+                session_id,
+                agent_ip,
+            }
+        });
+        Ok(Registration {
+            session,
+            link,
+            rx,
+            resume_secret,
+            park_secret,
+            resumed: resume,
+            visitor_count: count_rx,
+        })
+    }
+
+    /// The part of a registration done under the session lock: checks, the new link and
+    /// secrets, the lifecycle change, and the record queued for the store.
+    fn claim_link(
+        &self,
+        session: &Arc<Session>,
+        agent: &AgentOffer,
+        resume: bool,
+    ) -> Result<Claimed, Refusal> {
         let mut inner = session.lock();
         if let Some((reason, _)) = inner.life.revoked {
             return Err((
@@ -236,19 +318,26 @@ impl Relay {
         }
         let (tx, rx) = mpsc::channel(CONTROL_QUEUE);
         let park_secret = Secret::generate("php_");
+        let (visitor_count, count_rx) = if agent.visitor_reports {
+            let (tx, rx) = tokio::sync::watch::channel(0u32);
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
         let link = Link {
             id: session.next_id(),
             tx,
             cancel: session.cancel.child_token(),
             park_hash: park_secret.hash(),
             ip: agent.ip,
-            visitor_reports: agent.visitor_reports,
+            visitor_count: visitor_count.map(Arc::new),
         };
         let resume_secret = Secret::generate("phr_");
         let before = (
             inner.pending_resume_hash,
             inner.confirmed,
-            inner.life.clone(),
+            inner.life.joined,
+            inner.life.link_down_since,
         );
         inner.pending_resume_hash = Some(resume_secret.hash());
         inner.confirmed = false;
@@ -257,76 +346,65 @@ impl Relay {
         } else {
             inner.life.on_join()
         }
-        // The spent join token and the new resume secret are durable before the agent
-        // hears `registered`.
-        if let Err(e) = self.persist(&session, &inner) {
-            (inner.pending_resume_hash, inner.confirmed, inner.life) = before;
-            tracing::error!(session_id = %session.id, error = %e, "cannot save the registration");
-            return Err((
-                ErrorCode::Internal,
-                "the relay could not save the session; retrying may help".into(),
-            ));
-        }
+        // The link is taken now (a second agent meanwhile is `session_busy`); the new resume
+        // secret is durable before the agent hears `registered`.
         inner.link = Some(link.clone());
         inner.access = Some(agent.access.clone());
-        drop(inner);
-        session.changed.notify_one();
-        let kind = if resume { "resume" } else { "join" };
-        self.metrics.registrations.with_label_values(&[kind]).inc();
-        let (session_id, agent_ip) = (session.id.clone(), agent.ip);
-        self.audit.record(if resume {
-            AuditEvent::SessionResumed {
-                session_id,
-                agent_ip,
-            }
-        } else {
-            AuditEvent::SessionJoined {
-                session_id,
-                agent_ip,
-            }
-        });
-        Ok(Registration {
-            session,
+        let saved = self.save(session, &mut inner);
+        Ok(Claimed {
             link,
             rx,
+            count_rx,
             resume_secret,
             park_secret,
-            resumed: resume,
+            before,
+            saved,
         })
     }
 
     /// The agent on link `link_id` proved it got its `registered` (it sent a frame on the
     /// new link): its new resume secret becomes the only valid one, and a join token is
     /// spent for good.
-    pub fn confirm_registration(&self, session: &Session, link_id: u64) {
-        let mut inner = session.lock();
-        if inner.confirmed || inner.link.as_ref().is_none_or(|l| l.id != link_id) {
-            return;
-        }
-        if let Some(pending) = inner.pending_resume_hash.take() {
-            inner.resume_hash = Some(pending);
-        }
-        inner.confirmed = true;
-        inner.join_spent = true;
-        if let Err(e) = self.persist(session, &inner) {
+    pub async fn confirm_registration(&self, session: &Session, link_id: u64) {
+        let saved = {
+            let mut inner = session.lock();
+            if inner.confirmed || inner.link.as_ref().is_none_or(|l| l.id != link_id) {
+                return;
+            }
+            if let Some(pending) = inner.pending_resume_hash.take() {
+                inner.resume_hash = Some(pending);
+            }
+            inner.confirmed = true;
+            inner.join_spent = true;
+            self.save(session, &mut inner)
+        };
+        if let Err(e) = saved.await {
             tracing::warn!(session_id = %session.id, error = %e, "cannot save the confirmed registration");
+            self.resync_version(session).await;
         }
     }
 
     /// A deadline moved by itself (the last visitor of an `extend_while_connected` session
     /// left): save it and tell the agent.
-    pub fn announce_deadline(&self, session: &Session) {
-        let inner = session.lock();
-        if inner.life.revoked.is_some() {
-            return;
-        }
-        if let Err(e) = self.persist(session, &inner) {
+    pub async fn announce_deadline(&self, session: &Session) {
+        let (saved, deadline, finishing, link) = {
+            let mut inner = session.lock();
+            if inner.life.revoked.is_some() {
+                return;
+            }
+            let saved = self.save(session, &mut inner);
+            let finishing = inner.life.finish_deadline.is_some();
+            (
+                saved,
+                inner.life.deadline().0,
+                finishing,
+                inner.link.clone(),
+            )
+        };
+        if let Err(e) = saved.await {
             tracing::warn!(session_id = %session.id, error = %e, "cannot save the new deadline");
+            self.resync_version(session).await;
         }
-        let deadline = inner.life.deadline().0;
-        let finishing = inner.life.finish_deadline.is_some();
-        let link = inner.link.clone();
-        drop(inner);
         if let Some(link) = link {
             let msg = Message::Deadline {
                 deadline_unix_ms: unix_ms(deadline),
@@ -340,20 +418,25 @@ impl Relay {
 
     /// The build finished (`by`: `agent` or `api`): start the grace period and tell the
     /// agent the new deadline.
-    pub fn finish(&self, session: &Session, by: &'static str) -> Result<(), RelayError> {
-        let mut inner = session.lock();
-        let before = inner.life.finish_deadline;
-        if !inner.life.on_finish(SystemTime::now()) {
-            return Ok(());
-        }
-        if let Err(e) = self.persist(session, &inner) {
-            inner.life.finish_deadline = before;
-            return Err(e);
+    pub async fn finish(&self, session: &Session, by: &'static str) -> Result<(), RelayError> {
+        let (before, saved) = {
+            let mut inner = session.lock();
+            let before = inner.life.finish_deadline;
+            if !inner.life.on_finish(SystemTime::now()) {
+                return Ok(());
+            }
+            (before, self.save(session, &mut inner))
+        };
+        if let Err(e) = saved.await {
+            session.lock().life.finish_deadline = before;
+            self.resync_version(session).await;
+            return Err(RelayError::Store(e.to_string()));
         }
         self.audit.record(AuditEvent::SessionFinished {
             session_id: session.id.clone(),
             by,
         });
+        let inner = session.lock();
         let deadline = inner.life.deadline().0;
         let link = inner.link.clone();
         drop(inner);
@@ -373,7 +456,7 @@ impl Relay {
 
     /// Revokes a session: listeners, agent link and every visitor connection close; its
     /// ports cool down.
-    pub fn revoke(&self, session: &Session, reason: RevokeReason) {
+    pub fn revoke(&self, session: &Arc<Session>, reason: RevokeReason) {
         let created_at = {
             let mut inner = session.lock();
             if !inner.life.revoke(reason, SystemTime::now()) {
@@ -382,9 +465,8 @@ impl Relay {
             // Passwords are forgotten at revocation.
             inner.access = None;
             // Revocation stands even if the store fails: access ends now either way.
-            if let Err(e) = self.persist(session, &inner) {
-                tracing::error!(session_id = %session.id, error = %e, "cannot save the revocation");
-            }
+            let saved = self.save(session, &mut inner);
+            self.save_in_background(session, saved, "revocation");
             inner.life.created_at
         };
         self.metrics
@@ -406,13 +488,16 @@ impl Relay {
     }
 
     /// Forgets a revoked session (after its retention).
-    pub fn purge(&self, session: &Session) {
+    pub fn purge(&self, session: &Arc<Session>) {
         if session.lock().life.state() == SessionState::Revoked {
-            self.sessions.remove(&session.id);
-            self.by_join.remove(&session.join_hash);
-            if let Err(e) = self.store.remove(&session.id) {
-                tracing::warn!(session_id = %session.id, error = %e, "cannot remove a purged session from the store");
-            }
+            self.sessions.remove(session);
+            let removed = self.store.remove(&session.id);
+            let session_id = session.id.clone();
+            self.tasks.spawn(async move {
+                if let Err(e) = removed.await {
+                    tracing::warn!(%session_id, error = %e, "cannot remove a purged session from the store");
+                }
+            });
         }
     }
 }

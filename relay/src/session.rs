@@ -58,7 +58,15 @@ impl VisitorGuard {
     /// the agent): from now on it holds the session open. Idempotent.
     pub fn hold(&self) {
         if !self.holding.swap(true, Ordering::Relaxed) {
-            self.session.lock().life.on_visitor_holding();
+            let mut inner = self.session.lock();
+            let before = inner.life.deadline();
+            inner.life.on_visitor_holding();
+            let moved = inner.life.deadline() != before;
+            drop(inner);
+            if moved {
+                // A finished session now runs to its hard cap: the agent hears of it.
+                self.session.deadline_moved.store(true, Ordering::Relaxed);
+            }
             self.session.changed.notify_one();
         }
     }
@@ -119,17 +127,17 @@ pub struct Link {
     /// The agent's address on this link (data connections on the plain-TCP data port must
     /// come from it).
     pub ip: IpAddr,
-    /// Whether the agent takes `visitors` reports.
-    pub visitor_reports: bool,
+    /// The visitor count for the agent, when it takes `visitors` reports: a watch (not the
+    /// message queue), so a burst of visitors coalesces into the latest count and never
+    /// crowds out their `open`s.
+    pub visitor_count: Option<Arc<tokio::sync::watch::Sender<u32>>>,
 }
 
 impl SessionInner {
-    /// Tells the agent how many visitors are connected now (if it asked to be told). A
-    /// report lost to a full queue is corrected by the next one.
+    /// Tells the agent how many visitors are connected now (if it asked to be told).
     fn report_visitors(&self) {
-        if let Some(link) = self.link.as_ref().filter(|l| l.visitor_reports) {
-            let count = u32::try_from(self.life.visitors).unwrap_or(u32::MAX);
-            let _ = link.tx.try_send(Message::Visitors { count });
+        if let Some(count) = self.link.as_ref().and_then(|l| l.visitor_count.as_ref()) {
+            count.send_replace(u32::try_from(self.life.visitors).unwrap_or(u32::MAX));
         }
     }
 }
@@ -157,6 +165,8 @@ pub struct SessionInner {
     pub access: Option<Access>,
     /// Connected visitors per source key (for `max_visitors_per_source`).
     pub sources: HashMap<IpAddr, usize>,
+    /// Version of the latest record written for this session (see [`crate::store`]).
+    pub version: u64,
 }
 
 /// A visitor waiting for the agent's data connection.
@@ -228,6 +238,7 @@ impl Session {
                 join_spent: false,
                 access: None,
                 sources: HashMap::new(),
+                version: 0,
             }),
             pending: Mutex::new(HashMap::new()),
             auth_waiters: Mutex::new(HashMap::new()),

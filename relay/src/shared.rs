@@ -1,7 +1,5 @@
 //! The state every relay task shares.
 
-use dashmap::DashMap;
-use porthole_protocol::secret::SecretHash;
 use porthole_protocol::Secret;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -19,8 +17,8 @@ use crate::config::RelayConfig;
 use crate::metrics::Metrics;
 use crate::ports::PortPool;
 use crate::refusals::RefusalLog;
-use crate::session::Session;
-use crate::store::Store;
+use crate::sessions::SessionRegistry;
+use crate::store::SessionStore;
 use crate::user_token::UserTokens;
 
 /// The agent endpoint's certificate and where it comes from.
@@ -54,10 +52,8 @@ pub struct Relay {
     pub config: RelayConfig,
     /// Host name put in endpoints.
     pub public_host: String,
-    /// Sessions by id (revoked ones stay for the retention period).
-    pub sessions: DashMap<String, Arc<Session>>,
-    /// Session ids by join-token hash.
-    pub by_join: DashMap<SecretHash, String>,
+    /// Sessions by id and by join-token hash (revoked ones stay for the retention period).
+    pub sessions: SessionRegistry,
     /// Public ports.
     pub pool: PortPool,
     /// The admin API token.
@@ -68,8 +64,8 @@ pub struct Relay {
     pub audit: AuditLog,
     /// Prometheus metrics.
     pub metrics: Metrics,
-    /// The state store.
-    pub store: Store,
+    /// The state store (the durable side of sessions).
+    pub store: Arc<dyn SessionStore>,
     /// The agent endpoint's certificate, reloadable.
     pub tls: TlsFiles,
     /// Cancelled when shutdown starts: listeners close, agents are told to reconnect,
@@ -81,9 +77,9 @@ pub struct Relay {
     pub visitor_tasks: TaskTracker,
     /// The bound plain-TCP data port (data plane `tcp` only).
     pub data_port: std::sync::OnceLock<u16>,
-    /// Visitors still proving they are SSH clients, relay-wide.
+    /// Visitors still completing their protocol's opening, relay-wide.
     pub pending_visitors: Arc<tokio::sync::Semaphore>,
-    /// Visitors still proving they are SSH clients, per source.
+    /// Visitors still completing their protocol's opening, per source.
     pub pending_visitors_per_ip: Arc<PerIpLimit>,
     /// Refusals counted for aggregated logging.
     pub refusals: RefusalLog,
@@ -99,15 +95,14 @@ impl Relay {
         user_tokens: UserTokens,
         audit: AuditLog,
         metrics: Metrics,
-        store: Store,
+        store: Arc<dyn SessionStore>,
         tls: TlsFiles,
     ) -> Self {
         let pool = PortPool::new(config.port_range, config.public_bind, config.port_cooldown);
         Self {
             public_host: config.public_host(),
             config,
-            sessions: DashMap::new(),
-            by_join: DashMap::new(),
+            sessions: SessionRegistry::default(),
             pool,
             admin_token,
             user_tokens,

@@ -32,14 +32,20 @@ pub async fn run(relay: Arc<Relay>, session: Arc<Session>) {
             }
                         () = session.changed.notified() => {
                 if session.deadline_moved.swap(false, std::sync::atomic::Ordering::Relaxed) {
-                    relay.announce_deadline(&session);
+                    relay.announce_deadline(&session).await;
                 }
             }
             () = relay.cancel.cancelled() => return,
         }
     }
+    // Retention counts from the revocation (which may predate a restart).
+    let revoked_at = session.lock().life.revoked.map(|(_, at)| at);
+    let age = revoked_at
+        .and_then(|at| SystemTime::now().duration_since(at).ok())
+        .unwrap_or_default();
+    let rest = relay.config.revoked_retention.saturating_sub(age);
     tokio::select! {
-        () = tokio::time::sleep(relay.config.revoked_retention) => relay.purge(&session),
+        () = tokio::time::sleep(rest) => relay.purge(&session),
         () = relay.cancel.cancelled() => {}
     }
 }

@@ -125,7 +125,7 @@ pub async fn run<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let session = relay.sessions.get(session_id).map(|s| s.value().clone());
+    let session = relay.sessions.get(session_id);
     let parked = match &session {
         Some(session) => session.park(secret),
         None => Err(ParkRefusal::BadSecret),

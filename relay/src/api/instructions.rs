@@ -185,9 +185,9 @@ fn serve(
             return Err(deny(ApiError::forbidden(NOT_ALLOWED_ROLE_MESSAGE)))
         }
     }
-    let session = valid_session_id(id)
-        .then(|| relay.sessions.get(id).map(|s| s.value().clone()))
-        .flatten()
+    let session = relay
+        .sessions
+        .get(id)
         .ok_or_else(|| deny(ApiError::not_found(NO_SESSION)))?;
     if claims.app_id != session.app_id {
         return Err(deny(ApiError::forbidden(

@@ -19,7 +19,6 @@ use crate::limits::{MAX_ALLOW_CIDRS, MAX_ID_LEN, MAX_SESSION_LIFETIME, MAX_VISIT
 use crate::registry::NewSession;
 use crate::session::Session;
 use crate::shared::Relay;
-use crate::untrusted::valid_session_id;
 
 /// Body of `POST /v1/sessions`.
 #[derive(Debug, Deserialize)]
@@ -212,9 +211,9 @@ pub const NO_SESSION: &str =
 /// The session `id` names; an id that is not of the issued shape is not looked up and gets
 /// the same 404 as an unknown one.
 fn find(relay: &Relay, id: &str) -> Result<Arc<Session>, ApiError> {
-    valid_session_id(id)
-        .then(|| relay.sessions.get(id).map(|s| s.value().clone()))
-        .flatten()
+    relay
+        .sessions
+        .get(id)
         .ok_or_else(|| ApiError::not_found(NO_SESSION))
 }
 
@@ -231,7 +230,7 @@ pub async fn create(
         });
     }
     let req = parse_create(&body)?;
-    let (session, join_token) = relay.create_session(req)?;
+    let (session, join_token) = relay.create_session(req).await?;
     let (hard_cap, join_by) = {
         let inner = session.lock();
         (inner.life.hard_cap, inner.life.join_by)
@@ -257,8 +256,7 @@ pub async fn get(
 
 /// `GET /v1/sessions`.
 pub async fn list(State(relay): State<Arc<Relay>>) -> Json<serde_json::Value> {
-    let mut sessions: Vec<Arc<Session>> =
-        relay.sessions.iter().map(|e| e.value().clone()).collect();
+    let mut sessions: Vec<Arc<Session>> = relay.sessions.list();
     sessions.sort_by_key(|s| s.lock().life.created_at);
     let views: Vec<SessionView> = sessions.iter().map(|s| SessionView::of(s)).collect();
     Json(serde_json::json!({ "sessions": views }))
@@ -270,7 +268,7 @@ pub async fn finish(
     Path(id): Path<String>,
 ) -> Result<Json<SessionView>, ApiError> {
     let session = find(&relay, &id)?;
-    relay.finish(&session, "api")?;
+    relay.finish(&session, "api").await?;
     Ok(Json(SessionView::of(&session)))
 }
 
