@@ -1,18 +1,16 @@
 //! The agent's settings: flags and `PORTHOLE_*` variables.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::str::FromStr;
-use std::sync::Arc;
 use std::time::Duration;
 
-use porthole_protocol::tls::{parse_pin, RelayTrust};
-use porthole_protocol::{Credential, Secret, Service};
-
-use crate::credentials;
-use crate::embedded_ssh::EmbeddedSsh;
+use porthole_protocol::{Secret, Service};
 
 /// Settings of `porthole-agent run` (the default command).
+/// Most warm connections `--warm-connections` may ask for (the relay holds at most 16 per
+/// session, with room for a link that just ended).
+pub const MAX_WARM: usize = 8;
+
 #[derive(Clone, Debug, clap::Args)]
 pub struct AgentConfig {
     /// The relay's agent endpoint, HOST:PORT.
@@ -87,7 +85,7 @@ pub struct AgentConfig {
     /// Data connections kept open and authenticated on the relay, so visitors are paired
     /// without waiting for a handshake (0 turns this off).
     #[arg(long, env = "PORTHOLE_WARM_CONNECTIONS", default_value_t = 2,
-          value_parser = clap::value_parser!(u16).range(0..=crate::warm::MAX_WARM as i64))]
+          value_parser = clap::value_parser!(u16).range(0..=MAX_WARM as i64))]
     pub warm_connections: u16,
     /// A warm data connection idle this long is replaced by a fresh one (keep it below the
     /// idle timeout of any NAT or firewall between agent and relay).
@@ -202,94 +200,6 @@ impl FromStr for ServiceTarget {
         Ok(Self {
             service,
             target: Target::Dial(target.to_owned()),
-        })
-    }
-}
-
-/// Settings checked and resolved.
-#[derive(Clone, Debug)]
-pub struct Resolved {
-    /// Relay endpoint, HOST:PORT.
-    pub relay: String,
-    /// The host part of `relay` (the data port of the `tcp` data plane is on it).
-    pub relay_host: String,
-    /// Name checked against the relay's certificate.
-    pub server_name: String,
-    /// Join token.
-    pub token: Secret,
-    /// What serves each service.
-    pub services: BTreeMap<Service, Target>,
-    /// How the relay is verified.
-    pub trust: RelayTrust,
-    /// Connect deadline.
-    pub connect_timeout: Duration,
-    /// Warm data connections to keep.
-    pub warm_connections: usize,
-    /// When an idle warm data connection is replaced.
-    pub warm_idle: Duration,
-    /// Login details for the instructions.
-    pub credentials: Vec<Credential>,
-    /// SSH host public keys.
-    pub host_keys: Vec<String>,
-    /// The embedded SSH server, when SSH is embedded.
-    pub embedded_ssh: Option<Arc<EmbeddedSsh>>,
-}
-
-impl AgentConfig {
-    /// Checks the settings and resolves defaults.
-    pub fn resolve(&self) -> Result<Resolved, String> {
-        let relay = self.relay.clone().ok_or("--relay HOST:PORT is required")?;
-        let token = self.token.clone().ok_or("--token is required")?;
-        let (host, port) = relay
-            .rsplit_once(':')
-            .ok_or_else(|| format!("--relay `{relay}`: expected HOST:PORT"))?;
-        port.parse::<u16>()
-            .map_err(|_| format!("--relay `{relay}`: `{port}` is not a port"))?;
-        let host = host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_owned();
-        let mut services = BTreeMap::new();
-        for s in &self.services {
-            if services.insert(s.service, s.target.clone()).is_some() {
-                return Err(format!("--service {} is given twice", s.service));
-            }
-        }
-        if self.embedded_ssh {
-            match services.insert(Service::Ssh, Target::EmbeddedSsh) {
-                None | Some(Target::EmbeddedSsh) => {}
-                Some(Target::Dial(addr)) => {
-                    return Err(format!(
-                        "--embedded-ssh and --service ssh={addr}: pick one SSH server"
-                    ))
-                }
-            }
-        }
-        if services.is_empty() {
-            return Err(
-                "at least one --service NAME=HOST:PORT (or --embedded-ssh) is required".into(),
-            );
-        }
-        let trust = match (&self.ca_cert, &self.pin_sha256) {
-            (Some(ca), None) => RelayTrust::CaFile(ca.clone()),
-            (None, Some(pin)) => RelayTrust::Pin(parse_pin(pin).map_err(|e| e.to_string())?),
-            (None, None) => RelayTrust::SystemRoots,
-            (Some(_), Some(_)) => return Err("use --ca-cert or --pin-sha256, not both".into()),
-        };
-        let (credentials, host_keys, embedded_ssh) = credentials::gather(self, &services)?;
-        Ok(Resolved {
-            credentials,
-            host_keys,
-            embedded_ssh,
-            relay_host: host.clone(),
-            server_name: self.server_name.clone().unwrap_or(host),
-            relay,
-            token,
-            services,
-            trust,
-            connect_timeout: self.connect_timeout,
-            warm_connections: usize::from(self.warm_connections),
-            warm_idle: self.warm_idle,
         })
     }
 }

@@ -2,7 +2,8 @@
 //! connects visitors to local services (SSH, VNC).
 //!
 //! # Layout
-//! - [`config`]: flags and `PORTHOLE_*` variables, checked into [`config::Resolved`].
+//! - [`config`]: flags and `PORTHOLE_*` variables.
+//! - [`resolve`]: the flags checked, defaults filled in, credentials gathered: [`Resolved`].
 //! - [`credentials`]: user names, passwords (from files) and SSH host keys for the relay.
 //! - [`error`]: [`AgentError`], and which errors are worth retrying.
 //! - [`events`]: what the agent reports for the build log ([`AgentEvent`], [`Reporter`]).
@@ -45,15 +46,17 @@ pub mod local;
 pub mod pidfile;
 pub mod prefixed;
 pub mod print;
+pub mod resolve;
 pub mod status;
 pub mod visitor;
 pub mod warm;
 
 use std::sync::Arc;
 
-pub use config::{AgentConfig, Resolved};
+pub use config::AgentConfig;
 pub use error::AgentError;
 pub use events::{AgentEvent, Reporter};
+pub use resolve::Resolved;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;

@@ -18,9 +18,7 @@ use crate::embedded_ssh::LoginReport;
 use crate::visitor::{self, DataConn, DataRoute};
 use crate::Context;
 
-/// Most warm connections `--warm-connections` may ask for (the relay holds at most 16 per
-/// session, with room for a link that just ended).
-pub const MAX_WARM: usize = 8;
+pub use crate::config::MAX_WARM;
 /// After asking the relay to retire a parked connection, how long an `assign` that crossed
 /// the request is still served.
 const RETIRE_GRACE: Duration = Duration::from_secs(5);

@@ -6,10 +6,10 @@
 //! the TLS handshake and first frame run in the connection's own task under one deadline,
 //! never in the accept loop, holding a pending slot until the first frame.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use porthole_protocol::codec::MessageCodec;
 use porthole_protocol::limits::ALPN;
 use porthole_protocol::{ErrorCode, FrameError, Message, Secret};
@@ -17,14 +17,13 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::codec::Framed;
 
-use crate::limits::FAREWELL_TIMEOUT;
 use crate::preauth::{accept_loop, PendingGuard};
 use crate::session::DataStream;
 use crate::shared::Relay;
 use crate::{attach, control};
 
-/// A framed agent connection.
-pub type AgentFramed = Framed<tokio_rustls::server::TlsStream<TcpStream>, MessageCodec>;
+use crate::agent_conn::refuse;
+pub use crate::agent_conn::AgentFramed;
 
 /// Accepts agent connections until shutdown.
 pub async fn serve(relay: Arc<Relay>, listener: TcpListener, acceptor: TlsAcceptor) {
@@ -190,32 +189,4 @@ pub fn classify(first: Option<Result<Message, FrameError>>) -> FirstFrame {
         }
         None => FirstFrame::Closed,
     }
-}
-
-/// Sends a typed error to the connection from `peer`, logs it (aggregated, see
-/// [`crate::refusals`]), and closes the connection.
-pub async fn refuse<S>(
-    relay: &Relay,
-    peer: IpAddr,
-    framed: &mut Framed<S, MessageCodec>,
-    code: ErrorCode,
-    message: String,
-) where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    relay.refusals.agent(peer, code.as_str(), &message);
-    farewell(framed, code, message).await;
-}
-
-/// Sends a typed error and closes the connection, within [`FAREWELL_TIMEOUT`] (no log: for
-/// notices that are not refusals, such as a shutdown).
-pub async fn farewell<S>(framed: &mut Framed<S, MessageCodec>, code: ErrorCode, message: String)
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    let farewell = async {
-        let _ = framed.send(Message::Error { code, message }).await;
-        let _ = framed.close().await;
-    };
-    let _ = tokio::time::timeout(FAREWELL_TIMEOUT, farewell).await;
 }

@@ -7,7 +7,7 @@ use porthole_protocol::codec::MessageCodec;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::codec::Framed;
 
-use crate::agent_endpoint::refuse;
+use crate::agent_conn::refuse;
 use crate::session::{DataConn, DataStream};
 use crate::shared::Relay;
 use crate::untrusted::Untrusted;

@@ -12,7 +12,7 @@ use porthole_protocol::message::HelloAuth;
 use porthole_protocol::{Credential, ErrorCode, FrameError, Message, Service};
 
 use crate::access::Access;
-use crate::agent_endpoint::{farewell, refuse, AgentFramed};
+use crate::agent_conn::{farewell, refuse, AgentFramed};
 use crate::lifecycle::RevokeReason;
 use crate::limits::FAREWELL_TIMEOUT;
 use crate::registry::{unix_ms, AgentOffer, Refusal, Registration};

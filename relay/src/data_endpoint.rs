@@ -12,7 +12,7 @@ use porthole_protocol::{ErrorCode, Message};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::codec::Framed;
 
-use crate::agent_endpoint::refuse;
+use crate::agent_conn::refuse;
 use crate::attach;
 use crate::preauth::{accept_loop, PendingGuard};
 use crate::session::DataStream;

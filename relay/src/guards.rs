@@ -109,7 +109,7 @@ impl Guards {
     /// Checks a new connection from `ip`.
     pub fn admit(&self, ip: IpAddr) -> Result<(), VisitorRefusal> {
         let ip = ip.to_canonical();
-        let source = crate::preauth::source_key(ip);
+        let source = crate::source::source_key(ip);
         if !self.allow.is_empty() && !self.allow.iter().any(|net| net.contains(&ip)) {
             return Err(VisitorRefusal::SourceNotAllowed);
         }

@@ -29,17 +29,22 @@
 //! - [`public`]: public listeners and visitor forwarding.
 //! - [`scanner`]: SSH ports wait for the client's `SSH-2.0-` line before bothering the agent.
 //! - [`rfb`]: VNC ports speak the RFB version exchange and wait for the viewer's reply first.
+//! - [`agent_conn`]: the framed agent connection type; refusing and saying goodbye.
 //! - [`agent_endpoint`]: TLS accept and first-frame dispatch for agent connections.
-//! - [`preauth`]: pending-handshake limits per source address.
+//! - [`source`]: the per-source key (IPv6 by /64) and per-source permit counter.
+//! - [`preauth`]: pending-handshake limits for unauthenticated listeners.
 //! - [`control`]: a registered agent's control link (heartbeats, finish, open/attach flow).
 //! - [`attach`]: pairing data connections with waiting visitors.
-//! - [`warm`]: warm data connections parked by the agent, handed to visitors at once.
+//! - [`data_conn`]: a visitor's data connection from the agent, by data plane.
+//! - [`warm_pool`]: one session's queue of parked warm data connections.
+//! - [`warm`]: serving one warm data connection parked by the agent until a visitor gets it.
 //! - [`data_endpoint`]: the plain-TCP data port of the `tcp` data plane.
 //! - [`api`]: the HTTP/JSON API.
 //!
 //! [`start`] binds everything and returns a [`RelayHandle`]; `main.rs` only parses flags.
 
 pub mod access;
+pub mod agent_conn;
 pub mod agent_endpoint;
 pub mod api;
 pub mod attach;
@@ -48,6 +53,7 @@ pub mod bootstrap;
 pub mod config;
 pub mod config_file;
 pub mod control;
+pub mod data_conn;
 pub mod data_endpoint;
 pub mod error;
 pub mod guards;
@@ -65,11 +71,13 @@ pub mod scanner;
 pub mod session;
 pub mod sessions;
 pub mod shared;
+pub mod source;
 pub mod store;
 pub mod supervisor;
 pub mod untrusted;
 pub mod user_token;
 pub mod warm;
+pub mod warm_pool;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

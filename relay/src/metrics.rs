@@ -14,7 +14,8 @@ use porthole_protocol::{ErrorCode, Service};
 
 use crate::guards::VisitorRefusal;
 use crate::lifecycle::{RevokeReason, SessionState};
-use crate::shared::Relay;
+use crate::ports::PortPool;
+use crate::sessions::SessionRegistry;
 
 /// Every metric the relay exports.
 #[derive(Debug)]
@@ -280,9 +281,9 @@ impl Metrics {
         self.handshake_failures.with_label_values(&[reason]).inc();
     }
 
-    /// The text exposition, with state gauges refreshed from `relay`.
-    pub fn render(&self, relay: &Relay) -> String {
-        self.refresh(relay);
+    /// The text exposition, with state gauges refreshed from the sessions and the port pool.
+    pub fn render(&self, sessions: &SessionRegistry, pool: &PortPool) -> String {
+        self.refresh(sessions, pool);
         let mut out = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
             tracing::error!(error = %e, "cannot encode metrics");
@@ -290,7 +291,7 @@ impl Metrics {
         String::from_utf8_lossy(&out).into_owned()
     }
 
-    fn refresh(&self, relay: &Relay) {
+    fn refresh(&self, sessions: &SessionRegistry, pool: &PortPool) {
         let states = [
             SessionState::Pending,
             SessionState::Active,
@@ -300,7 +301,7 @@ impl Metrics {
         ];
         let mut counts = [0i64; 5];
         let mut agents = 0;
-        for session in relay.sessions.list() {
+        for session in sessions.list() {
             let inner = session.lock();
             let state = inner.life.state();
             if let Some(i) = states.iter().position(|s| *s == state) {
@@ -314,7 +315,7 @@ impl Metrics {
                 .set(count);
         }
         self.agents_connected.set(agents);
-        let pool = relay.pool.counts();
+        let pool = pool.counts();
         for (status, n) in [
             ("in_use", pool.in_use),
             ("free", pool.free),

@@ -22,7 +22,7 @@ use crate::rfb;
 use crate::scanner::read_ssh_banner;
 use crate::session::{DataConn, DataStream, Session, VisitorGuard};
 use crate::shared::Relay;
-use crate::warm::Assignment;
+use crate::warm_pool::Assignment;
 
 /// How long handing a visitor to parked data connections may take in all before the visitor
 /// falls back to a freshly dialed one (longer than a parked connection may take to send
@@ -85,7 +85,7 @@ impl Visit<'_> {
             session_id: self.session.id.clone(),
             service: self.service,
             port: self.port,
-            source: Some(crate::preauth::source_key(source_ip)),
+            source: Some(crate::source::source_key(source_ip)),
             reason,
         };
         if !self.relay.refusals.note(kind) {

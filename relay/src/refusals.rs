@@ -97,7 +97,7 @@ impl RefusalLog {
     /// (`detail` is the message, peer text in it is escaped and truncated here): logged in
     /// full when it is the first of its kind lately, else counted.
     pub fn agent(&self, peer: IpAddr, reason: &'static str, detail: &str) {
-        let source = Some(crate::preauth::source_key(peer.to_canonical()));
+        let source = Some(crate::source::source_key(peer.to_canonical()));
         if self.note(RefusalKind::Agent { source, reason }) {
             tracing::warn!(%peer, reason, "agent connection refused: {}", UntrustedMessage(detail));
         }

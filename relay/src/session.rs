@@ -6,19 +6,17 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use bytes::BytesMut;
 use porthole_protocol::secret::SecretHash;
 use porthole_protocol::{Endpoint, Message, Secret, Service};
 use std::time::SystemTime;
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, Notify};
-use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::access::Access;
+pub use crate::data_conn::{DataConn, DataStream};
 use crate::guards::{Guards, VisitorRefusal};
 use crate::lifecycle::Lifecycle;
-use crate::warm::{Assignment, ParkRefusal, WarmPool};
+use crate::warm_pool::{Assignment, ParkRefusal, WarmPool};
 
 /// The fixed facts of a new session.
 #[derive(Debug)]
@@ -92,25 +90,6 @@ impl Drop for VisitorGuard {
             self.session.changed.notify_one();
         }
     }
-}
-
-/// A visitor's data connection from the agent, by data plane.
-#[derive(Debug)]
-pub enum DataStream {
-    /// Over TLS on the agent endpoint.
-    Tls(Box<TlsStream<TcpStream>>),
-    /// Plain TCP on the data port (forwarded with splice(2)).
-    Tcp(TcpStream),
-}
-
-/// The agent side of one visitor: a data connection, and the bytes already read from it
-/// past its `attach` frame (forwarded first, never lost).
-#[derive(Debug)]
-pub struct DataConn {
-    /// The data connection.
-    pub stream: DataStream,
-    /// Bytes read past the `attach` frame.
-    pub prefix: BytesMut,
 }
 
 /// The live control connection of a session's agent.
@@ -257,7 +236,7 @@ impl Session {
         ip: IpAddr,
         per_source: usize,
     ) -> Result<(Link, VisitorGuard), VisitorRefusal> {
-        let source = crate::preauth::source_key(ip.to_canonical());
+        let source = crate::source::source_key(ip.to_canonical());
         let mut inner = self.lock();
         let link = inner
             .link

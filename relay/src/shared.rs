@@ -8,7 +8,7 @@ use porthole_protocol::tls::{load_certs, load_key, CertResolver};
 
 use crate::error::RelayError;
 use crate::limits::{MAX_PENDING_VISITORS, MAX_PENDING_VISITORS_PER_IP};
-use crate::preauth::PerIpLimit;
+use crate::source::PerIpLimit;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 

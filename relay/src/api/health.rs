@@ -23,7 +23,7 @@ pub fn router(relay: Arc<Relay>) -> Router {
 }
 
 async fn metrics(State(relay): State<Arc<Relay>>) -> impl IntoResponse {
-    let body = relay.metrics.render(&relay);
+    let body = relay.metrics.render(&relay.sessions, &relay.pool);
     (
         [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
         body,
