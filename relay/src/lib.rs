@@ -66,6 +66,8 @@ pub mod preauth;
 pub mod public;
 pub mod refusals;
 pub mod registry;
+#[cfg(test)]
+mod registry_tests;
 pub mod rfb;
 pub mod scanner;
 pub mod session;
