@@ -31,6 +31,7 @@ declare -A APT_FOR=(
   [ps]=procps
   [ss]=iproute2
   [shellcheck]=shellcheck   # the CI examples' scripts (agent-client/tests/examples.rs)
+  [cc]=gcc                  # build scripts of C-backed crates (ring)
 )
 
 missing_pkgs=()
@@ -40,6 +41,9 @@ for prog in "${!APT_FOR[@]}"; do
     missing_pkgs+=("${APT_FOR[$prog]}")
   fi
 done
+
+# The VNC client the tests drive, pinned (the version the suite was last run with).
+VNCDOTOOL=vncdotool==1.4.2
 
 need_vncdo=0
 if ! have vncdo; then
@@ -88,10 +92,10 @@ if [ "$need_vncdo" -eq 1 ]; then
       pip_args+=(--user)
     fi
     pip_log=$(mktemp)
-    if python3 -m pip "${pip_args[@]}" vncdotool 2>&1 | tee "$pip_log"; then :
+    if python3 -m pip "${pip_args[@]}" "$VNCDOTOOL" 2>&1 | tee "$pip_log"; then :
     elif grep -q externally-managed "$pip_log"; then
       echo "(externally managed Python: retrying with --break-system-packages)"
-      python3 -m pip "${pip_args[@]}" --break-system-packages vncdotool \
+      python3 -m pip "${pip_args[@]}" --break-system-packages "$VNCDOTOOL" \
         || echo "WARNING: pip install vncdotool failed; VNC tests will fail" >&2
     else
       echo "WARNING: pip install vncdotool failed; VNC tests will fail" >&2
@@ -108,7 +112,7 @@ if [ "$need_vncdo" -eq 1 ]; then
       done
     fi
   else
-    echo "WARNING: no python3 with pip; install vncdotool manually: python3 -m pip install vncdotool" >&2
+    echo "WARNING: no python3 with pip; install vncdotool manually: python3 -m pip install $VNCDOTOOL" >&2
   fi
 fi
 
@@ -117,7 +121,8 @@ fi
 if ! have promtool && [ "$can_install" -eq 1 ] && command -v apt-get >/dev/null 2>&1; then
   section "Installing promtool (from Debian's prometheus package)"
   tmp=$(mktemp -d)
-  if { [ -n "$(ls /var/lib/apt/lists/ 2>/dev/null | grep -v lock)" ] || ${SUDO[@]+"${SUDO[@]}"} apt-get update; } \
+  # Real package lists (…_Packages files), not just the lock and partial/ of a fresh image.
+  if { compgen -G '/var/lib/apt/lists/*_Packages' >/dev/null || ${SUDO[@]+"${SUDO[@]}"} apt-get update; } \
       && (cd "$tmp" && apt-get download prometheus >/dev/null && dpkg-deb -x prometheus_*.deb x) \
       && ${SUDO[@]+"${SUDO[@]}"} install -m 0755 "$tmp/x/usr/bin/promtool" /usr/local/bin/promtool; then
     echo "promtool installed in /usr/local/bin"
@@ -147,7 +152,16 @@ cargo build --workspace --all-targets --locked
 
 section "cargo test --workspace --locked --no-fail-fast $*"
 status=0
+# The account some SSH tests log in to with a password (agent-client/tests/common/peers/
+# sshd.rs) is removed afterwards if this run created it.
+e2e_user=porthole-e2e
+e2e_user_existed=0
+id "$e2e_user" >/dev/null 2>&1 && e2e_user_existed=1
 # --no-fail-fast: one failing test binary must not hide the results of the others.
 cargo test --workspace --locked --no-fail-fast "$@" || status=$?
+if [ "$e2e_user_existed" -eq 0 ] && id "$e2e_user" >/dev/null 2>&1; then
+  ${SUDO[@]+"${SUDO[@]}"} userdel --remove "$e2e_user" 2>/dev/null \
+    || echo "WARNING: could not remove the test account $e2e_user (userdel --remove $e2e_user)" >&2
+fi
 section "done (cargo test exit status $status)"
 exit "$status"
