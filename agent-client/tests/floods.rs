@@ -168,3 +168,59 @@ fn rustls_pki_types_name() -> anyhow::Result<tokio_rustls::rustls::pki_types::Se
         "localhost",
     )?)
 }
+
+#[test]
+fn a_flood_of_unauthenticated_instructions_requests_writes_a_bounded_audit_log(
+) -> anyhow::Result<()> {
+    let setup = RelaySetup::new()?;
+    let relay = setup.start_with(&["--refusal-summary-interval", "1s"])?;
+    let (id, _token, _port) = setup.create_session(&relay.api, serde_json::json!({}))?;
+    let audit_path = setup.data.path().join("audit.log");
+    let before = size(&audit_path);
+    let client = reqwest::blocking::Client::new();
+    const REQUESTS: u64 = 500;
+    for i in 0..REQUESTS {
+        let req = client.get(format!("{}/v1/sessions/{id}/instructions", relay.api));
+        // Half without a token, half with a forged one.
+        let req = if i % 2 == 0 {
+            req
+        } else {
+            req.bearer_auth("not.a.jwt")
+        };
+        let status = req.send()?.status();
+        ensure!(status == 401, "request {i}: {status}");
+    }
+    // Every refusal is accounted for: the first of each kind in full, the rest in summaries.
+    let counted = common::wait_for(
+        "the summaries to cover the flood",
+        Duration::from_secs(30),
+        || {
+            let text = std::fs::read_to_string(&audit_path).ok()?;
+            let lines: Vec<serde_json::Value> = text
+                .lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .filter(|l: &serde_json::Value| l["event"] == "instructions_denied")
+                .collect();
+            let first = lines
+                .iter()
+                .filter(|l| l["session_id"] == id.as_str())
+                .count() as u64;
+            let summarised: u64 = lines
+                .iter()
+                .filter(|l| l["session_id"] == "(aggregated)")
+                .filter_map(|l| l["reason"].as_str()?.split(' ').next()?.parse::<u64>().ok())
+                .sum();
+            (first + summarised >= REQUESTS).then_some(first + summarised)
+        },
+    )?;
+    ensure!(
+        counted == REQUESTS,
+        "the audit log accounts for {counted} of {REQUESTS}"
+    );
+    let growth = size(&audit_path) - before;
+    ensure!(
+        growth < 4 * 1024,
+        "audit log grew {growth} bytes for {REQUESTS} refused requests"
+    );
+    Ok(())
+}

@@ -424,9 +424,11 @@ fn audit_log_records_served_and_denied_instructions_without_secrets() -> anyhow:
         .iter()
         .filter(|l| l["event"] == "instructions_denied" && l["sub"].is_null())
         .count();
+    // Forged and admin tokens are both refused as `unauthorized` from 127.0.0.1: the first
+    // is written in full, the second is counted for the next aggregated summary line.
     assert_eq!(
-        unauthenticated, 2,
-        "forged and admin tokens are denied without a user:\n{log}"
+        unauthenticated, 1,
+        "forged and admin tokens are denied without a user, aggregated per source:\n{log}"
     );
     ensure!(
         lines

@@ -24,6 +24,16 @@ pub const MAX_ID_LEN: usize = 256;
 /// Longest max_lifetime a session may ask for.
 pub const MAX_SESSION_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
 
+/// API connections one source (IPv4 address, IPv6 /64) may hold at once, per listener.
+pub const MAX_API_CONNECTIONS_PER_SOURCE: usize = 16;
+
+/// An API connection is closed (gracefully) after this long, so a client that stops reading
+/// its answers cannot hold a connection slot.
+pub const API_CONNECTION_MAX_AGE: Duration = Duration::from_secs(60);
+
+/// How long an API connection past its age may take to finish its request in flight.
+pub const API_CONNECTION_CLOSE_GRACE: Duration = Duration::from_secs(5);
+
 /// Largest API request body.
 pub const MAX_API_BODY: usize = 64 * 1024;
 

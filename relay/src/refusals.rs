@@ -38,6 +38,13 @@ pub enum RefusalKind {
         /// Why.
         reason: VisitorRefusal,
     },
+    /// An HTTP request refused before its token was accepted (instructions endpoint).
+    Api {
+        /// Source key; `None` once too many kinds are tracked.
+        source: Option<IpAddr>,
+        /// The answer's error code (`unauthorized`, ...).
+        reason: &'static str,
+    },
     /// A connection to the agent endpoint or data port refused before it registered.
     Agent {
         /// Source key; `None` once too many kinds are tracked.
@@ -52,9 +59,9 @@ impl RefusalKind {
     fn without_source(&self) -> Self {
         let mut kind = self.clone();
         match &mut kind {
-            RefusalKind::Visitor { source, .. } | RefusalKind::Agent { source, .. } => {
-                *source = None
-            }
+            RefusalKind::Visitor { source, .. }
+            | RefusalKind::Api { source, .. }
+            | RefusalKind::Agent { source, .. } => *source = None,
         }
         kind
     }
@@ -159,6 +166,18 @@ fn write_summaries(log: &RefusalLog, audit: &AuditLog, secs: u64) {
                     reason,
                     count,
                     summary_secs: Some(secs),
+                });
+            }
+            RefusalKind::Api { source, reason } => {
+                tracing::info!(source = ?source, reason, count,
+                    "instructions requests refused {count} more times in the last {secs}s");
+                audit.record(AuditEvent::InstructionsDenied {
+                    session_id: "(aggregated)".into(),
+                    sub: None,
+                    role: None,
+                    app_id: None,
+                    source_ip: source.unwrap_or(IpAddr::from([0u8; 4])),
+                    reason: format!("{count} more requests refused ({reason}) in the last {secs}s"),
                 });
             }
             RefusalKind::Agent { source, reason } => {

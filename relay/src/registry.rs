@@ -76,7 +76,13 @@ struct Claimed {
     /// The fields to put back if the write fails: pending resume hash, confirmed, joined,
     /// link down since (only what the registration changed, so visitor counts and a
     /// revocation that happened meanwhile are left alone).
-    before: (Option<SecretHash>, bool, bool, Option<SystemTime>),
+    before: (
+        Option<SecretHash>,
+        bool,
+        bool,
+        Option<SystemTime>,
+        Option<Access>,
+    ),
     /// The queued write.
     saved: BoxFuture<'static, Result<(), StoreError>>,
 }
@@ -243,12 +249,15 @@ impl Relay {
                 let mut inner = session.lock();
                 if inner.link.as_ref().is_some_and(|l| l.id == link.id) {
                     inner.link = None;
-                    let (pending, confirmed, joined, down_since);
-                    (pending, confirmed, joined, down_since) = before;
+                    let (pending, confirmed, joined, down_since, access);
+                    (pending, confirmed, joined, down_since, access) = before;
                     inner.pending_resume_hash = pending;
                     inner.confirmed = confirmed;
                     inner.life.joined = joined;
                     inner.life.link_down_since = down_since;
+                    // The refused agent's credentials are not shown (a revocation meanwhile
+                    // has dropped them for good).
+                    inner.access = access.filter(|_| inner.life.revoked.is_none());
                 }
             }
             link.cancel.cancel();
@@ -338,6 +347,7 @@ impl Relay {
             inner.confirmed,
             inner.life.joined,
             inner.life.link_down_since,
+            inner.access.clone(),
         );
         inner.pending_resume_hash = Some(resume_secret.hash());
         inner.confirmed = false;

@@ -171,3 +171,49 @@ async fn a_request_in_flight_at_shutdown_is_answered() -> Result<()> {
     ensure!(text.contains("shutting_down"), "{text:?}");
     Ok(())
 }
+
+#[tokio::test]
+async fn one_source_cannot_take_every_connection() -> Result<()> {
+    let relay = TestRelay::start_with(common::DEFAULT_RANGE_LEN, |c| {
+        c.api_header_timeout = Duration::from_secs(300);
+    })
+    .await?;
+    let addr = relay.handle.info.api_addr;
+    // 16 idle connections from 127.0.0.1 are this source's share...
+    let mut held = Vec::new();
+    for _ in 0..16 {
+        held.push(TcpStream::connect(addr).await?);
+    }
+    // ...so its 17th is closed without an answer once the relay accepts it,
+    let mut extra = TcpStream::connect(addr).await?;
+    extra.write_all(HEALTHZ).await?;
+    let got = read_until_closed(&mut extra).await?;
+    ensure!(
+        got.is_empty(),
+        "the 17th connection of one source was served: {got:?}"
+    );
+    // ...while another source is served.
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind((Ipv4Addr::new(127, 0, 0, 2), 0).into())?;
+    let mut other = socket.connect(addr).await?;
+    other.write_all(HEALTHZ).await?;
+    let got = read_until_closed(&mut other).await?;
+    let text = String::from_utf8_lossy(&got);
+    ensure!(text.starts_with("HTTP/1.1 200"), "another source: {text:?}");
+    // One of the 16 leaves: the source gets a connection again.
+    drop(held.pop());
+    let mut again = None;
+    for _ in 0..50 {
+        let mut s = TcpStream::connect(addr).await?;
+        s.write_all(HEALTHZ).await?;
+        let got = read_until_closed(&mut s).await?;
+        if !got.is_empty() {
+            again = Some(got);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let again = again.context("the source never got a connection back")?;
+    ensure!(String::from_utf8_lossy(&again).starts_with("HTTP/1.1 200"));
+    Ok(())
+}

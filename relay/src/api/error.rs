@@ -66,6 +66,14 @@ impl ApiError {
             message: message.into(),
         }
     }
+    /// 500: the relay failed (the message says how; retrying may help).
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            code: "internal",
+            message: message.into(),
+        }
+    }
 }
 
 impl From<RelayError> for ApiError {

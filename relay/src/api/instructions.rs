@@ -26,6 +26,7 @@ use super::shell::ssh_command;
 use crate::access::Access;
 use crate::audit::AuditEvent;
 use crate::lifecycle::{LifetimePolicy, SessionState};
+use crate::refusals::RefusalKind;
 use crate::session::Session;
 use crate::shared::Relay;
 use crate::untrusted::valid_session_id;
@@ -139,6 +140,17 @@ pub async fn instructions(
                 .instructions
                 .with_label_values(&[error.code])
                 .inc();
+            // Requests without a valid token are strangers: their refusals are aggregated
+            // per source and reason like the public ports' (a flood cannot fill the disk).
+            if claims.is_none() {
+                let kind = RefusalKind::Api {
+                    source: Some(crate::source::source_key(source_ip)),
+                    reason: error.code,
+                };
+                if !relay.refusals.note(kind) {
+                    return no_store(error.into_response());
+                }
+            }
             relay.audit.record(AuditEvent::InstructionsDenied {
                 session_id: id,
                 sub: claims.as_ref().map(|c| c.sub.clone()),

@@ -11,6 +11,10 @@
 //! gives it. Upgrades (WebSockets) are served. On shutdown the listener stops accepting,
 //! idle connections close, and requests in flight are answered before theirs close.
 
+use crate::limits::{
+    API_CONNECTION_CLOSE_GRACE, API_CONNECTION_MAX_AGE, MAX_API_CONNECTIONS_PER_SOURCE,
+};
+use crate::source::{PerIpLimit, PerIpPermit};
 use std::io;
 use std::net::SocketAddr;
 use std::pin::pin;
@@ -66,6 +70,7 @@ pub async fn serve(
     name: &'static str,
 ) {
     let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let per_source = PerIpLimit::new(MAX_API_CONNECTIONS_PER_SOURCE);
     let connections = TaskTracker::new();
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
@@ -96,13 +101,18 @@ pub async fn serve(
                 }
             }
         };
+        // One source cannot take every slot: past its share the connection is closed at once.
+        let Some(source_permit) = per_source.try_acquire(peer.ip()) else {
+            tracing::debug!(listener = name, %peer, "HTTP connection closed: too many from this source");
+            continue;
+        };
         connections.spawn(connection(
             stream,
             peer,
             app.clone(),
             http.clone(),
             shutdown.clone(),
-            permit,
+            (permit, source_permit),
             name,
         ));
     }
@@ -128,7 +138,7 @@ async fn connection(
     app: Router,
     http: http1::Builder,
     shutdown: CancellationToken,
-    _permit: OwnedSemaphorePermit,
+    _permits: (OwnedSemaphorePermit, PerIpPermit),
     name: &'static str,
 ) {
     // Small JSON answers: do not wait for Nagle.
@@ -141,12 +151,21 @@ async fn connection(
         .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service))
         .with_upgrades();
     let mut conn = pin!(conn);
+    // A client that stops reading its answers stalls hyper where no header timeout runs: every
+    // connection ends after API_CONNECTION_MAX_AGE (keep-alive clients reconnect).
     let ended = tokio::select! {
         ended = conn.as_mut() => ended,
         () = shutdown.cancelled() => {
             // Closes the connection once the request in flight, if any, is answered.
             conn.as_mut().graceful_shutdown();
             conn.await
+        }
+        () = tokio::time::sleep(API_CONNECTION_MAX_AGE) => {
+            conn.as_mut().graceful_shutdown();
+            match tokio::time::timeout(API_CONNECTION_CLOSE_GRACE, conn.as_mut()).await {
+                Ok(ended) => ended,
+                Err(_) => return tracing::debug!(listener = name, %peer, "HTTP connection cut: too old and not reading"),
+            }
         }
     };
     if let Err(e) = ended {

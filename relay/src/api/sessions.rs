@@ -230,7 +230,15 @@ pub async fn create(
         });
     }
     let req = parse_create(&body)?;
-    let (session, join_token) = relay.create_session(req).await?;
+    // In a task of its own: a client that hangs up must not cancel it half way (ports
+    // allocated, record written, nobody told).
+    let owner = relay.clone();
+    let created = relay
+        .tasks
+        .spawn(async move { owner.create_session(req).await });
+    let (session, join_token) = created
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))??;
     let (hard_cap, join_by) = {
         let inner = session.lock();
         (inner.life.hard_cap, inner.life.join_by)
@@ -268,7 +276,14 @@ pub async fn finish(
     Path(id): Path<String>,
 ) -> Result<Json<SessionView>, ApiError> {
     let session = find(&relay, &id)?;
-    relay.finish(&session, "api").await?;
+    // In a task of its own, like create: a client hanging up cannot cut it short.
+    let (owner, target) = (relay.clone(), session.clone());
+    let finished = relay
+        .tasks
+        .spawn(async move { owner.finish(&target, "api").await });
+    finished
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))??;
     Ok(Json(SessionView::of(&session)))
 }
 
