@@ -15,8 +15,9 @@ use crate::access::Access;
 use crate::agent_conn::{farewell, refuse, AgentFramed};
 use crate::lifecycle::RevokeReason;
 use crate::limits::FAREWELL_TIMEOUT;
-use crate::registry::{unix_ms, AgentOffer, Refusal, Registration};
+use crate::registry::{AgentOffer, Refusal, Registration};
 use crate::shared::Relay;
+use crate::store::to_ms;
 use crate::untrusted::Untrusted;
 
 /// The fields of a `hello`.
@@ -92,7 +93,7 @@ async fn serve(relay: &Relay, peer: IpAddr, mut framed: AgentFramed, mut reg: Re
         session_id: session.id.clone(),
         resume_secret: reg.resume_secret.clone(),
         endpoints: session.endpoints.clone(),
-        deadline_unix_ms: unix_ms(deadline),
+        deadline_unix_ms: to_ms(deadline),
         heartbeat_ms: relay.config.heartbeat_interval.as_millis() as u64,
         resumed: reg.resumed,
         data_plane: relay.config.data_plane,

@@ -31,12 +31,7 @@ impl Relay {
     /// After a failed write: the next write goes on top of what the store holds, so a lost
     /// write does not make every later one conflict.
     pub async fn resync_version(&self, session: &Session) {
-        match self.store.get(&session.id).await {
-            Ok(stored) => session.lock().version = stored.map_or(0, |r| r.version),
-            Err(e) => {
-                tracing::warn!(session_id = %session.id, error = %e, "cannot read the session's stored version")
-            }
-        }
+        resync_version(&self.store, session).await;
     }
 
     /// Awaits a queued write in the background (for changes that stand in memory whatever
@@ -52,17 +47,10 @@ impl Relay {
         self.tasks.spawn(async move {
             let Err(e) = saved.await else { return };
             tracing::warn!(session_id = %session.id, error = %e, "cannot save the {what}; retrying once");
-            let stored = match store.get(&session.id).await {
-                Ok(stored) => stored.map_or(0, |r| r.version),
-                Err(e) => {
-                    return tracing::error!(session_id = %session.id, error = %e, "cannot save the {what}")
-                }
-            };
-            let retried = {
-                let mut inner = session.lock();
-                inner.version = stored;
-                save(&store, &session, &mut inner)
-            };
+            if !resync_version(&store, &session).await {
+                return tracing::error!(session_id = %session.id, "cannot save the {what}");
+            }
+            let retried = save(&store, &session, &mut session.lock());
             if let Err(e) = retried.await {
                 tracing::error!(session_id = %session.id, error = %e, "cannot save the {what}");
             }
@@ -220,4 +208,19 @@ pub fn save(
     };
     record.set_lifecycle(&inner.life);
     store.put(record)
+}
+
+/// Sets the session's version to the stored one (after a failed write, so the next write goes
+/// on top of what the store holds). False when the store cannot be read.
+async fn resync_version(store: &Arc<dyn SessionStore>, session: &Session) -> bool {
+    match store.get(&session.id).await {
+        Ok(stored) => {
+            session.lock().version = stored.map_or(0, |r| r.version);
+            true
+        }
+        Err(e) => {
+            tracing::warn!(session_id = %session.id, error = %e, "cannot read the session's stored version");
+            false
+        }
+    }
 }

@@ -18,7 +18,7 @@ use crate::limits::CONTROL_QUEUE;
 use crate::persist::nonzero;
 use crate::session::{Link, Session, SessionSpec};
 use crate::shared::Relay;
-use crate::store::StoreError;
+use crate::store::{to_ms, StoreError};
 use crate::untrusted::valid_session_id;
 use crate::{public, supervisor};
 use futures_util::future::BoxFuture;
@@ -417,7 +417,7 @@ impl Relay {
         }
         if let Some(link) = link {
             let msg = Message::Deadline {
-                deadline_unix_ms: unix_ms(deadline),
+                deadline_unix_ms: to_ms(deadline),
                 finishing,
             };
             if link.tx.try_send(msg).is_err() {
@@ -454,7 +454,7 @@ impl Relay {
         tracing::info!(session_id = %session.id, deadline = %humantime::format_rfc3339_seconds(deadline), "session finishing");
         if let Some(link) = link {
             let msg = Message::Deadline {
-                deadline_unix_ms: unix_ms(deadline),
+                deadline_unix_ms: to_ms(deadline),
                 finishing: true,
             };
             if link.tx.try_send(msg).is_err() {
@@ -510,11 +510,4 @@ impl Relay {
             });
         }
     }
-}
-
-/// Milliseconds since the Unix epoch.
-pub fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }

@@ -166,6 +166,17 @@ fn drop_link(reg: &Registration) {
     reg.session.link_lost(reg.link.id, SystemTime::now());
 }
 
+/// The agent joins, confirms, and its link drops: the session waits for a resume.
+async fn joined_then_gone(relay: &Arc<Relay>, token: &Secret, s: &Arc<Session>) -> Registration {
+    let joined = relay
+        .join(token, &agent())
+        .await
+        .unwrap_or_else(|e| unreachable!("{e:?}"));
+    relay.confirm_registration(s, joined.link.id).await;
+    drop_link(&joined);
+    joined
+}
+
 fn code<T>(result: &Result<T, (ErrorCode, String)>) -> Option<ErrorCode> {
     result.as_ref().err().map(|(c, _)| *c)
 }
@@ -209,12 +220,7 @@ async fn two_agents_resuming_at_once_one_wins() {
     let (relay, _dir) = relay(Arc::new(MemoryStore::new()));
     let token = Secret::generate("phj_");
     let s = session(&relay, &token, Duration::ZERO).await;
-    let joined = relay
-        .join(&token, &agent())
-        .await
-        .unwrap_or_else(|e| unreachable!("{e:?}"));
-    relay.confirm_registration(&s, joined.link.id).await;
-    drop_link(&joined);
+    let joined = joined_then_gone(&relay, &token, &s).await;
     let secret = joined.resume_secret.clone();
     let offer = agent();
     let (a, b) = tokio::join!(
@@ -266,12 +272,7 @@ async fn a_finish_during_a_resume_keeps_both() {
     let (relay, _dir) = relay(store.clone());
     let token = Secret::generate("phj_");
     let s = session(&relay, &token, Duration::ZERO).await;
-    let joined = relay
-        .join(&token, &agent())
-        .await
-        .unwrap_or_else(|e| unreachable!("{e:?}"));
-    relay.confirm_registration(&s, joined.link.id).await;
-    drop_link(&joined);
+    let joined = joined_then_gone(&relay, &token, &s).await;
     store.hold(false);
     let offer = agent();
     let resuming = relay.resume(&s.id, &joined.resume_secret, &offer);
