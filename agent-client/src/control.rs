@@ -3,12 +3,13 @@
 //! revoked. The agent's [`crate::status::Status`] follows what the relay says.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
-use porthole_protocol::codec::MessageCodec;
+use porthole_protocol::codec::{send_within, MessageCodec};
 use porthole_protocol::limits::PROTOCOL_VERSION;
 use porthole_protocol::message::HelloAuth;
+use porthole_protocol::time::from_unix_ms;
 use porthole_protocol::{DataPlane, ErrorCode, FrameError, Message, Secret};
 use tokio::sync::{mpsc, watch};
 use tokio_util::codec::Framed;
@@ -266,10 +267,6 @@ pub async fn run(
     }
 }
 
-fn from_unix_ms(ms: u64) -> SystemTime {
-    SystemTime::UNIX_EPOCH + Duration::from_millis(ms)
-}
-
 /// Sends one frame, failing when the relay has not taken it within `limit`.
 async fn send<S>(
     framed: &mut Framed<S, MessageCodec>,
@@ -279,11 +276,5 @@ async fn send<S>(
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    match tokio::time::timeout(limit, framed.send(msg)).await {
-        Ok(sent) => sent,
-        Err(_) => Err(FrameError::Io(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            "the relay stopped reading the control connection",
-        ))),
-    }
+    send_within(framed, msg, limit, "relay").await
 }

@@ -156,7 +156,7 @@ fn a_burst_of_admitted_visitors_is_not_refused_by_the_per_address_handshake_cap(
         served += usize::from(v.join().map_err(|_| anyhow::anyhow!("visitor panicked"))?);
     }
     let m = &relay.handle.relay.metrics;
-    let refusals: Vec<String> = porthole_relay::guards::VisitorRefusal::ALL
+    let refusals: Vec<String> = porthole_relay::edge::visitor::guards::VisitorRefusal::ALL
         .iter()
         .map(|r| {
             (

@@ -7,8 +7,8 @@
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
 use porthole_protocol::frame::decode;
-use porthole_relay::agent_endpoint::{classify, FirstFrame};
-use porthole_relay::control::screen;
+use porthole_relay::edge::agent::accept::{classify, FirstFrame};
+use porthole_relay::edge::agent::control::screen;
 
 fuzz_target!(|data: &[u8]| {
     let mut buf = BytesMut::from(data);

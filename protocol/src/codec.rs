@@ -2,8 +2,12 @@
 //! `Framed<_, MessageCodec>` while it speaks frames and turn raw with `into_parts()`, which
 //! hands back the bytes already read past the last frame (they must be forwarded, not lost).
 
+use std::time::Duration;
+
 use bytes::BytesMut;
-use tokio_util::codec::{Decoder, Encoder};
+use futures_util::SinkExt;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::codec::{Decoder, Encoder, Framed};
 
 use crate::frame::{self, FrameError};
 use crate::message::Message;
@@ -26,5 +30,25 @@ impl Encoder<Message> for MessageCodec {
 
     fn encode(&mut self, item: Message, dst: &mut BytesMut) -> Result<(), FrameError> {
         frame::encode(&item, dst)
+    }
+}
+
+/// Sends one frame, failing with `TimedOut` when the peer (`who`: "agent", "relay") has not
+/// taken it within `limit`: a peer that stops reading cannot hold the sender.
+pub async fn send_within<S>(
+    framed: &mut Framed<S, MessageCodec>,
+    msg: Message,
+    limit: Duration,
+    who: &str,
+) -> Result<(), FrameError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    match tokio::time::timeout(limit, framed.send(msg)).await {
+        Ok(sent) => sent,
+        Err(_) => Err(FrameError::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("the {who} stopped reading the connection"),
+        ))),
     }
 }

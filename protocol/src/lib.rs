@@ -12,6 +12,7 @@
 //! - [`forward`]: the one byte forwarder relay and agent both use (both directions,
 //!   half-close preserved, reused buffers, byte counts).
 //! - [`splice`]: zero-copy `splice(2)` forwarding for the `tcp` data plane, copy-path fallback.
+//! - [`time`]: Unix-millisecond conversions (deadlines on the wire, stored records).
 //! - [`username`]: the rule for user names shown in instructions (POSIX-portable only).
 //! - [`tls`]: rustls configuration for both sides (TLS 1.3 only, ALPN, relay verification by
 //!   system roots, CA file or pinned SHA-256 fingerprint) and certificate fingerprints.
@@ -29,6 +30,7 @@ pub mod limits;
 pub mod message;
 pub mod secret;
 pub mod splice;
+pub mod time;
 pub mod tls;
 pub mod username;
 

@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use porthole_protocol::tls::TlsError;
 
+use crate::store::StoreError;
+
 /// What can go wrong in the relay outside a single connection.
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
@@ -33,8 +35,16 @@ pub enum RelayError {
     #[error("cannot generate a self-signed certificate: {0}")]
     CertGen(#[from] rcgen::Error),
     /// The state store failed.
-    #[error("state store: {0}")]
-    Store(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A stored session record cannot be brought back.
+    #[error("state store: session {id}: bad {what}")]
+    BadRecord {
+        /// The session.
+        id: String,
+        /// The field that does not parse.
+        what: &'static str,
+    },
     /// Every port of the public range is in use or cooling down.
     #[error("no free public port in {range} ({in_use} in use, {cooling} cooling down after revocation): widen --port-range or wait")]
     PoolExhausted {

@@ -2,84 +2,38 @@
 //! TLS; the relay gives each session a public port per service, forwards visitors to the
 //! agent, and revokes everything at the session's deadline.
 //!
-//! # Layout
-//! - [`config`]: every setting, one serde struct that clap also parses.
-//! - [`config_file`]: defaults < TOML file < environment < flags.
+//! # Layout (in data-flow order)
+//! - [`config`]: every setting, one serde struct that clap also parses; [`config::file`]
+//!   layers defaults < TOML file < environment < flags.
 //! - [`error`]: the relay error type, [`RelayError`].
 //! - [`limits`]: internal constants that are not settings.
 //! - [`untrusted`]: peer text made safe for log lines; the session id format check.
-//! - [`bootstrap`]: the data dir on start: TLS certificate (generated if absent), admin token.
-//! - [`shared`]: [`Relay`], the state all tasks share.
-//! - [`lifecycle`]: the pure session state machine and deadlines.
+//! - [`ops`]: bootstrap of the data dir (TLS certificate, admin token), the audit log,
+//!   aggregated refusals, Prometheus metrics.
+//! - [`shared`]: [`Relay`], the state all tasks share; TLS reload.
 //! - [`store`]: the durable side of sessions behind one seam ([`store::SessionStore`]):
 //!   records with versions, the embedded redb store, an in-memory one for tests.
-//! - [`persist`]: sessions to and from the store (write before telling; restore on start).
-//! - [`session`]: one session: facts, lifecycle, agent link, visitors awaiting data.
-//! - [`sessions`]: [`sessions::SessionRegistry`], the sessions by id and join token (the
-//!   only holder of the maps).
-//! - [`access`]: credentials and SSH host keys reported by the agent (memory only).
-//! - [`guards`]: allowed source CIDRs and per-source-IP rate limits for visitors.
+//! - [`session`]: lifecycle, node-local runtime, the registry of sessions, the operations
+//!   (create / join / resume / confirm / finish / revoke), persistence, deadline supervisor.
+//! - [`edge`]: where peers connect: [`edge::agent`] (TLS accept, first frame, control link,
+//!   attach, park, data port) and [`edge::visitor`] (port pool, guards, protocol openings,
+//!   pairing, forwarding).
 //! - [`user_token`]: HS256 user tokens (verify, mint, shared secret file).
-//! - [`audit`]: the JSON-lines audit log.
-//! - [`refusals`]: refusals aggregated per kind and interval, so floods cannot fill the disk.
-//! - [`metrics`]: Prometheus metrics (per-relay registry, bounded labels).
-//! - [`registry`]: create / join / resume / finish / revoke.
-//! - [`supervisor`]: the per-session task that enforces deadlines.
-//! - [`ports`]: the public port pool with cooldown.
-//! - [`public`]: public listeners and visitor forwarding.
-//! - [`scanner`]: SSH ports wait for the client's `SSH-2.0-` line before bothering the agent.
-//! - [`rfb`]: VNC ports speak the RFB version exchange and wait for the viewer's reply first.
-//! - [`agent_conn`]: the framed agent connection type; refusing and saying goodbye.
-//! - [`agent_endpoint`]: TLS accept and first-frame dispatch for agent connections.
-//! - [`source`]: the per-source key (IPv6 by /64) and per-source permit counter.
-//! - [`preauth`]: pending-handshake limits for unauthenticated listeners.
-//! - [`control`]: a registered agent's control link (heartbeats, finish, open/attach flow).
-//! - [`attach`]: pairing data connections with waiting visitors.
-//! - [`data_conn`]: a visitor's data connection from the agent, by data plane.
-//! - [`warm_pool`]: one session's queue of parked warm data connections.
-//! - [`warm`]: serving one warm data connection parked by the agent until a visitor gets it.
-//! - [`data_endpoint`]: the plain-TCP data port of the `tcp` data plane.
-//! - [`api`]: the HTTP/JSON API.
+//! - [`api`]: the HTTP/JSON API (sessions, instructions, health, metrics).
 //!
 //! [`start`] binds everything and returns a [`RelayHandle`]; `main.rs` only parses flags.
 
-pub mod access;
-pub mod agent_conn;
-pub mod agent_endpoint;
 pub mod api;
-pub mod attach;
-pub mod audit;
-pub mod bootstrap;
 pub mod config;
-pub mod config_file;
-pub mod control;
-pub mod data_conn;
-pub mod data_endpoint;
+pub mod edge;
 pub mod error;
-pub mod guards;
-pub mod lifecycle;
 pub mod limits;
-pub mod metrics;
-pub mod persist;
-pub mod ports;
-pub mod preauth;
-pub mod public;
-pub mod refusals;
-pub mod registry;
-#[cfg(test)]
-mod registry_tests;
-pub mod rfb;
-pub mod scanner;
+pub mod ops;
 pub mod session;
-pub mod sessions;
 pub mod shared;
-pub mod source;
 pub mod store;
-pub mod supervisor;
 pub mod untrusted;
 pub mod user_token;
-pub mod warm;
-pub mod warm_pool;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -194,7 +148,7 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, RelayError> {
 pub async fn start(config: RelayConfig) -> Result<RelayHandle, RelayError> {
     config.validate().map_err(RelayError::Config)?;
     let public_host = config.public_host();
-    let boot = bootstrap::prepare(&config, &public_host)?;
+    let boot = ops::bootstrap::prepare(&config, &public_host)?;
     let agent_listener = bind(config.agent_listen).await?;
     let api_listener = bind(config.api_listen).await?;
     let local = |l: &TcpListener, addr| {
@@ -215,9 +169,9 @@ pub async fn start(config: RelayConfig) -> Result<RelayHandle, RelayError> {
     let audit_log_path = config.audit_log();
     let (secret, _) = user_token::load_or_create_secret(&user_token_secret_path)?;
     let user_tokens = user_token::UserTokens::new(&secret, &config.denied_roles);
-    let audit = audit::AuditLog::open(&audit_log_path)?;
+    let audit = ops::audit::AuditLog::open(&audit_log_path)?;
     let metrics =
-        metrics::Metrics::new().map_err(|e| RelayError::Config(format!("metrics: {e}")))?;
+        ops::metrics::Metrics::new().map_err(|e| RelayError::Config(format!("metrics: {e}")))?;
     let store = Arc::new(store::RedbStore::open(&config.data_dir.join("state.redb"))?);
     let tls = shared::TlsFiles {
         resolver: boot.cert.clone(),
@@ -243,12 +197,12 @@ pub async fn start(config: RelayConfig) -> Result<RelayHandle, RelayError> {
         data_addr = Some(bound);
         relay
             .tasks
-            .spawn(data_endpoint::serve(relay.clone(), listener));
+            .spawn(edge::agent::data_port::serve(relay.clone(), listener));
     }
     let owner = relay.clone();
     relay.tasks.spawn(async move {
         let interval = owner.config.refusal_summary_interval;
-        refusals::summarise(
+        ops::refusals::summarise(
             &owner.refusals,
             &owner.audit,
             interval,
@@ -264,7 +218,7 @@ pub async fn start(config: RelayConfig) -> Result<RelayHandle, RelayError> {
         );
     }
     let acceptor = TlsAcceptor::from(boot.tls);
-    relay.tasks.spawn(agent_endpoint::serve(
+    relay.tasks.spawn(edge::agent::accept::serve(
         relay.clone(),
         agent_listener,
         acceptor,

@@ -8,9 +8,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
+use porthole_relay::config::file as config_file;
 use porthole_relay::config::LogFormat;
 use porthole_relay::user_token::{self, Roles};
-use porthole_relay::{config_file, start, RelayConfig, RelayHandle, StartupInfo};
+use porthole_relay::{start, RelayConfig, RelayHandle, StartupInfo};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing_subscriber::EnvFilter;
 

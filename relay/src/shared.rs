@@ -6,18 +6,18 @@ use std::sync::Arc;
 
 use porthole_protocol::tls::{load_certs, load_key, CertResolver};
 
+use crate::edge::source::PerIpLimit;
 use crate::error::RelayError;
 use crate::limits::{MAX_PENDING_VISITORS, MAX_PENDING_VISITORS_PER_IP};
-use crate::source::PerIpLimit;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::audit::AuditLog;
 use crate::config::RelayConfig;
-use crate::metrics::Metrics;
-use crate::ports::PortPool;
-use crate::refusals::RefusalLog;
-use crate::sessions::SessionRegistry;
+use crate::edge::visitor::ports::PortPool;
+use crate::ops::audit::AuditLog;
+use crate::ops::metrics::Metrics;
+use crate::ops::refusals::RefusalLog;
+use crate::session::registry::SessionRegistry;
 use crate::store::SessionStore;
 use crate::user_token::UserTokens;
 

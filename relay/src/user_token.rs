@@ -180,7 +180,7 @@ pub fn load_or_create_secret(path: &Path) -> Result<(Vec<u8>, bool), RelayError>
                     path.display()
                 )));
             }
-            crate::bootstrap::warn_if_loose(path, "user token secret");
+            crate::ops::bootstrap::warn_if_loose(path, "user token secret");
             Ok((secret, false))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -191,7 +191,10 @@ pub fn load_or_create_secret(path: &Path) -> Result<(Vec<u8>, bool), RelayError>
                 })?;
             }
             let secret = porthole_protocol::Secret::generate("");
-            crate::bootstrap::write_private(path, format!("{}\n", secret.expose()).as_bytes())?;
+            crate::ops::bootstrap::write_private(
+                path,
+                format!("{}\n", secret.expose()).as_bytes(),
+            )?;
             Ok((secret.expose().as_bytes().to_vec(), true))
         }
         Err(source) => Err(RelayError::File {

@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use clap::Args;
+use porthole_relay::config::file::load;
 use porthole_relay::config::{parse_ephemeral_range, EPHEMERAL_RANGE_FILE};
-use porthole_relay::config_file::load;
 use porthole_relay::RelayConfig;
 
 fn example() -> PathBuf {

@@ -267,7 +267,7 @@ fn kubernetes_manifests_match_their_relay_toml() -> Result<()> {
     let toml = by_kind["ConfigMap"][0]["data"]["relay.toml"]
         .as_str()
         .context("ConfigMap without relay.toml")?;
-    let config = porthole_relay::config_file::parse_str(toml)
+    let config = porthole_relay::config::file::parse_str(toml)
         .map_err(|e| anyhow!("the ConfigMap's relay.toml: {e}"))?;
     config
         .validate()

@@ -1,12 +1,15 @@
-//! Dependencies between modules run one way: no module of the relay or the agent imports
-//! another that (directly or around a ring) imports it back. Checked from the source text:
-//! every `crate::NAME` outside comments and test modules is an edge from the file's
-//! top-level module to `NAME`; the test fails naming each ring it finds.
+//! Dependencies between modules run one way: no module (file) of the relay or the agent
+//! imports another that (directly or around a ring) imports it back. Checked from the source
+//! text: every `crate::a::b::Item` and `super::x::Item` path outside comments and test
+//! modules is an edge from the file's module to the longest module prefix of the path; the
+//! test fails naming each ring it finds. A parent module's own re-exports of its children
+//! (`pub use child::Item;` in `mod.rs`) are relative paths and not edges: a folder's
+//! `mod.rs` is its table of contents.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-/// Top-level module → the top-level modules it refers to.
+/// Module (`a::b`) → the modules it refers to.
 type Graph = BTreeMap<String, BTreeSet<String>>;
 
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
@@ -21,66 +24,119 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     Ok(())
 }
 
-/// The top-level module a file belongs to (`None` for lib.rs and main.rs).
-fn top_module(src: &Path, file: &Path) -> Option<String> {
-    let rel = file.strip_prefix(src).ok()?;
-    let first = rel
+/// The module path of a file (`session/runtime.rs` → `session::runtime`, `store/mod.rs` →
+/// `store`); `None` for the crate roots `lib.rs` and `main.rs`.
+fn module_of(src: &Path, file: &Path) -> Option<String> {
+    let rel = file.strip_prefix(src).ok()?.with_extension("");
+    let mut parts: Vec<String> = rel
         .components()
-        .next()?
-        .as_os_str()
-        .to_string_lossy()
-        .into_owned();
-    let name = first.trim_end_matches(".rs").to_owned();
-    (!matches!(name.as_str(), "lib" | "main")).then_some(name)
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .collect();
+    if parts.last().is_some_and(|p| p == "mod") {
+        parts.pop();
+    }
+    let path = parts.join("::");
+    (!matches!(path.as_str(), "lib" | "main" | "")).then_some(path)
 }
 
-/// The `crate::NAME` references of `text`, outside comments and `#[cfg(test)]` modules.
-fn references(text: &str) -> BTreeSet<String> {
-    let code = text.split("#[cfg(test)]").next().unwrap_or("");
-    let mut names = BTreeSet::new();
-    for line in code.lines().filter(|l| !l.trim_start().starts_with("//")) {
-        for (i, _) in line.match_indices("crate::") {
-            let rest = &line[i + "crate::".len()..];
-            let name: String = rest
-                .chars()
-                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-                .collect();
-            if !name.is_empty() {
-                names.insert(name);
+/// The paths of a use tree starting at `s` (after `crate::` or `super::`): `a::{b, c::d}`
+/// → `a::b`, `a::c::d`. Stops at the first character that is not part of a path.
+fn expand(s: &str) -> Vec<String> {
+    let word = |s: &str| -> usize {
+        s.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(s.len())
+    };
+    if let Some(rest) = s.strip_prefix('{') {
+        // Split the group at its top-level commas.
+        let (mut depth, mut start, mut out) = (0usize, 0usize, Vec::new());
+        for (i, c) in rest.char_indices() {
+            match c {
+                '{' => depth += 1,
+                '}' if depth == 0 => {
+                    out.extend(expand(rest[start..i].trim_start()));
+                    return out;
+                }
+                '}' => depth -= 1,
+                ',' if depth == 0 => {
+                    out.extend(expand(rest[start..i].trim_start()));
+                    start = i + 1;
+                }
+                _ => {}
             }
-            // `use crate::{a, b::c}`: every name in the group.
-            if let Some(group) = rest.strip_prefix('{') {
-                for part in group.split([',', '}']) {
-                    let n: String = part
-                        .trim()
-                        .chars()
-                        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-                        .collect();
-                    if !n.is_empty() {
-                        names.insert(n);
-                    }
+        }
+        return out;
+    }
+    let n = word(s);
+    if n == 0 {
+        return Vec::new();
+    }
+    let head = &s[..n];
+    match s[n..].strip_prefix("::") {
+        Some(rest) => {
+            let tails = expand(rest);
+            if tails.is_empty() {
+                vec![head.to_owned()]
+            } else {
+                tails.into_iter().map(|t| format!("{head}::{t}")).collect()
+            }
+        }
+        None => vec![head.to_owned()],
+    }
+}
+
+/// The absolute paths referred to by `text` (the file of module `module`), outside comments
+/// and `#[cfg(test)]` modules.
+fn references(module: &str, text: &str) -> BTreeSet<String> {
+    let code = text.split("#[cfg(test)]").next().unwrap_or("");
+    let parent = module.rsplit_once("::").map_or("", |(p, _)| p);
+    let mut paths = BTreeSet::new();
+    for line in code.lines().filter(|l| !l.trim_start().starts_with("//")) {
+        for (prefix, base) in [("crate::", ""), ("super::", parent)] {
+            for (i, _) in line.match_indices(prefix) {
+                let before = line[..i].chars().next_back();
+                if before.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_') {
+                    continue;
+                }
+                for p in expand(&line[i + prefix.len()..]) {
+                    paths.insert(if base.is_empty() {
+                        p
+                    } else {
+                        format!("{base}::{p}")
+                    });
                 }
             }
         }
     }
-    names
+    paths
+}
+
+/// The longest prefix of `path` that is one of `modules`.
+fn module_prefix(path: &str, modules: &BTreeSet<String>) -> Option<String> {
+    let parts: Vec<&str> = path.split("::").collect();
+    (1..=parts.len())
+        .rev()
+        .map(|n| parts[..n].join("::"))
+        .find(|p| modules.contains(p))
 }
 
 fn graph(src: &Path) -> std::io::Result<Graph> {
     let mut files = Vec::new();
     rust_files(src, &mut files)?;
-    let mut g = Graph::new();
+    let mut texts = BTreeMap::new();
     for file in &files {
-        if let Some(top) = top_module(src, file) {
-            let refs = references(&std::fs::read_to_string(file)?);
-            g.entry(top.clone())
-                .or_default()
-                .extend(refs.into_iter().filter(|r| *r != top));
+        if let Some(module) = module_of(src, file) {
+            texts.insert(module, std::fs::read_to_string(file)?);
         }
     }
-    let modules: BTreeSet<String> = g.keys().cloned().collect();
-    for deps in g.values_mut() {
-        deps.retain(|d| modules.contains(d));
+    let modules: BTreeSet<String> = texts.keys().cloned().collect();
+    let mut g = Graph::new();
+    for (module, text) in &texts {
+        let deps = references(module, text)
+            .iter()
+            .filter_map(|p| module_prefix(p, &modules))
+            .filter(|d| d != module && !module.starts_with(&format!("{d}::")))
+            .collect();
+        g.insert(module.clone(), deps);
     }
     Ok(g)
 }
@@ -156,11 +212,21 @@ fn a_ring_is_found() {
     );
     assert_eq!(
         references(
-            "use crate::{alpha, beta::Gamma};\n// crate::comment\nlet x = crate::delta::f();"
+            "a::b",
+            "use crate::{alpha, beta::{Gamma, delta::E}};\n// crate::comment\nlet x = crate::zeta::f();\nuse super::{c, d::F};"
         ),
-        ["alpha", "beta", "delta"]
+        ["a::c", "a::d::F", "alpha", "beta::Gamma", "beta::delta::E", "zeta::f"]
             .iter()
             .map(|s| s.to_string())
             .collect()
     );
+    let modules: BTreeSet<String> = ["beta", "beta::delta"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    assert_eq!(
+        module_prefix("beta::delta::E", &modules).as_deref(),
+        Some("beta::delta")
+    );
+    assert_eq!(module_prefix("alpha::x", &modules), None);
 }

@@ -16,8 +16,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::process::{self, Io, Request, Spawned};
-use super::session::dimension;
+use super::process::{self, dimension, Io, Request, Spawned};
 use super::Shared;
 
 /// Output read per turn.

@@ -294,6 +294,14 @@ pub fn signal_to_ssh(signal: i32) -> russh::Sig {
     }
 }
 
+/// A terminal dimension as the kernel takes it (0 means "unknown" in SSH: keep `otherwise`).
+pub fn dimension(n: u32, otherwise: u16) -> u16 {
+    match n {
+        0 => otherwise,
+        n => u16::try_from(n).unwrap_or(u16::MAX),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use russh::server::{Handle, Msg};
 use russh::{Channel, ChannelMsg};
 
-use super::process::{Request, Terminal};
+use super::process::{dimension, Request, Terminal};
 use super::{exec, sftp, Shared};
 
 /// What a session channel asked to start.
@@ -80,13 +80,5 @@ async fn requests(channel: &mut Channel<Msg>) -> Option<Start> {
             ChannelMsg::Close => return None,
             _ => {}
         }
-    }
-}
-
-/// A terminal dimension as the kernel takes it (0 means "unknown" in SSH: keep `otherwise`).
-pub fn dimension(n: u32, otherwise: u16) -> u16 {
-    match n {
-        0 => otherwise,
-        n => u16::try_from(n).unwrap_or(u16::MAX),
     }
 }

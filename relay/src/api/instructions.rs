@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::{ConnectInfo, Path, State};
-use axum::http::header::{AUTHORIZATION, CACHE_CONTROL};
+use axum::http::header::CACHE_CONTROL;
 use axum::http::{HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
@@ -20,14 +20,15 @@ use axum::Json;
 use porthole_protocol::Service;
 use serde::Serialize;
 
+use super::bearer::{bearer_token, NoBearer};
 use super::error::ApiError;
 use super::sessions::{rfc3339, NO_SESSION};
 use super::shell::ssh_command;
-use crate::access::Access;
-use crate::audit::AuditEvent;
-use crate::lifecycle::{LifetimePolicy, SessionState};
-use crate::refusals::RefusalKind;
-use crate::session::Session;
+use crate::ops::audit::AuditEvent;
+use crate::ops::refusals::RefusalKind;
+use crate::session::access::Access;
+use crate::session::lifecycle::{LifetimePolicy, SessionState};
+use crate::session::runtime::Session;
 use crate::shared::Relay;
 use crate::untrusted::valid_session_id;
 use crate::user_token::{RoleDecision, RolePolicy, UserClaims};
@@ -144,7 +145,7 @@ pub async fn instructions(
             // per source and reason like the public ports' (a flood cannot fill the disk).
             if claims.is_none() {
                 let kind = RefusalKind::Api {
-                    source: Some(crate::source::source_key(source_ip)),
+                    source: Some(crate::edge::source::source_key(source_ip)),
                     reason: error.code,
                 };
                 if !relay.refusals.note(kind) {
@@ -173,18 +174,13 @@ fn serve(
     id: &str,
     headers: &HeaderMap,
 ) -> Result<(Instructions, UserClaims), Denied> {
-    let token = headers
-        .get(AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, t)| t.trim())
-        .ok_or_else(|| {
-            (
-                ApiError::unauthorized("missing `Authorization: Bearer <user token>` header"),
-                None,
-            )
-        })?;
+    let token = bearer_token(headers).map_err(|e| {
+        let message = match e {
+            NoBearer::Missing => "missing `Authorization: Bearer <user token>` header",
+            NoBearer::Malformed => "the Authorization header is not `Bearer <user token>`",
+        };
+        (ApiError::unauthorized(message), None)
+    })?;
     let claims = relay
         .user_tokens
         .verify(token)

@@ -1,5 +1,6 @@
 //! The HTTP API: JSON over HTTP, admin bearer token on every route.
 //!
+//! - [`bearer`]: the `Authorization: Bearer` header, for admin and user tokens alike.
 //! - [`error`]: the JSON error body and status codes.
 //! - [`sessions`]: create, get, list, finish, revoke (admin token).
 //! - [`instructions`]: remote access instructions (user token).
@@ -7,6 +8,7 @@
 //! - [`shell`]: shell-safe quoting of the commands in the instructions.
 //! - [`serve`]: HTTP/1.1 serving with a header timeout and a connection cap (both listeners).
 
+pub mod bearer;
 pub mod error;
 pub mod health;
 pub mod instructions;
@@ -17,7 +19,6 @@ pub mod shell;
 use std::sync::Arc;
 
 use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::header::AUTHORIZATION;
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{get, post};
@@ -27,6 +28,7 @@ use porthole_protocol::Secret;
 use crate::limits::MAX_API_BODY;
 use crate::shared::Relay;
 use crate::user_token::RolePolicy;
+use bearer::{bearer_token, NoBearer};
 use error::ApiError;
 
 /// The API router: admin routes behind the admin token; the instructions route checks user
@@ -61,26 +63,15 @@ async fn require_admin(
     req: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    let header = req
-        .headers()
-        .get(AUTHORIZATION)
-        .map(|v| v.to_str().unwrap_or(""));
-    let Some(header) = header else {
-        return Err(ApiError::unauthorized(
-            "missing `Authorization: Bearer <admin token>` header (the token is in DATA_DIR/admin.token)",
-        ));
-    };
-    // The scheme name is case-insensitive (RFC 7235).
-    let token = header
-        .split_once(' ')
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, token)| Secret::new(token.trim()));
-    match token {
-        Some(token) if token.ct_eq(&relay.admin_token) => Ok(next.run(req).await),
-        Some(_) => Err(ApiError::unauthorized(
+    match bearer_token(req.headers()) {
+        Ok(token) if Secret::new(token).ct_eq(&relay.admin_token) => Ok(next.run(req).await),
+        Ok(_) => Err(ApiError::unauthorized(
             "the bearer token is not the relay's admin token",
         )),
-        None => Err(ApiError::unauthorized(
+        Err(NoBearer::Missing) => Err(ApiError::unauthorized(
+            "missing `Authorization: Bearer <admin token>` header (the token is in DATA_DIR/admin.token)",
+        )),
+        Err(NoBearer::Malformed) => Err(ApiError::unauthorized(
             "the Authorization header is not `Bearer <admin token>`",
         )),
     }

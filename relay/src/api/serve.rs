@@ -11,10 +11,10 @@
 //! gives it. Upgrades (WebSockets) are served. On shutdown the listener stops accepting,
 //! idle connections close, and requests in flight are answered before theirs close.
 
+use crate::edge::source::{PerIpLimit, PerIpPermit};
 use crate::limits::{
     API_CONNECTION_CLOSE_GRACE, API_CONNECTION_MAX_AGE, MAX_API_CONNECTIONS_PER_SOURCE,
 };
-use crate::source::{PerIpLimit, PerIpPermit};
 use std::io;
 use std::net::SocketAddr;
 use std::pin::pin;

@@ -14,10 +14,10 @@ use porthole_protocol::{Endpoint, Service};
 use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
-use crate::lifecycle::{LifetimePolicy, RevokeReason, SessionState};
 use crate::limits::{MAX_ALLOW_CIDRS, MAX_ID_LEN, MAX_SESSION_LIFETIME, MAX_VISITORS_PER_SESSION};
-use crate::registry::NewSession;
-use crate::session::Session;
+use crate::session::actions::NewSession;
+use crate::session::lifecycle::{LifetimePolicy, RevokeReason, SessionState};
+use crate::session::runtime::Session;
 use crate::shared::Relay;
 
 /// Body of `POST /v1/sessions`.

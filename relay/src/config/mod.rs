@@ -1,10 +1,11 @@
 //! Every relay setting, in one serde struct that clap also parses (flags and `PORTHOLE_*`
-//! variables) and a config file fills ([`crate::config_file`]).
+//! variables) and a config file fills ([`crate::config::file`]).
 //!
 //! - this module: [`RelayConfig`], its defaults and derived paths;
 //! - `validate`: per-key checks ([`InvalidSetting`]) and warnings (ephemeral port range);
 //! - `port_range`: the [`PortRange`] type (`LO-HI`).
 
+pub mod file;
 mod port_range;
 mod validate;
 

@@ -25,7 +25,7 @@ use futures_util::future::BoxFuture;
 use futures_util::stream::BoxStream;
 
 pub use memory::MemoryStore;
-pub use record::{from_ms, hash_from_hex, hash_hex, to_ms, SessionRecord, FORMAT};
+pub use record::{hash_from_hex, hash_hex, SessionRecord, FORMAT};
 pub use redb::RedbStore;
 
 /// Why a store operation failed.

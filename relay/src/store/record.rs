@@ -7,10 +7,11 @@ use std::time::{Duration, SystemTime};
 
 use ipnet::IpNet;
 use porthole_protocol::secret::SecretHash;
+use porthole_protocol::time::{from_unix_ms, to_unix_ms};
 use porthole_protocol::Endpoint;
 use serde::{Deserialize, Serialize};
 
-use crate::lifecycle::{Lifecycle, LifetimePolicy, RevokeReason};
+use crate::session::lifecycle::{Lifecycle, LifetimePolicy, RevokeReason};
 
 /// Format of the stored records; a newer relay may read older ones, never the reverse.
 pub const FORMAT: u32 = 1;
@@ -77,18 +78,6 @@ fn yes() -> bool {
     true
 }
 
-/// Milliseconds since the Unix epoch.
-pub fn to_ms(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-/// A time from Unix milliseconds.
-pub fn from_ms(ms: u64) -> SystemTime {
-    SystemTime::UNIX_EPOCH + Duration::from_millis(ms)
-}
-
 /// Hex of a hash.
 pub fn hash_hex(h: SecretHash) -> String {
     hex::encode(h.to_bytes())
@@ -106,9 +95,9 @@ impl SessionRecord {
     /// `now` (agents must resume), deadlines unchanged.
     pub fn lifecycle(&self, now: SystemTime) -> Lifecycle {
         Lifecycle {
-            created_at: from_ms(self.created_at_ms),
-            join_by: from_ms(self.join_by_ms),
-            hard_cap: from_ms(self.hard_cap_ms),
+            created_at: from_unix_ms(self.created_at_ms),
+            join_by: from_unix_ms(self.join_by_ms),
+            hard_cap: from_unix_ms(self.hard_cap_ms),
             grace: Duration::from_millis(self.grace_ms),
             resume_window: Duration::from_millis(self.resume_window_ms),
             policy: self.policy,
@@ -116,32 +105,32 @@ impl SessionRecord {
             holding: 0,
             joined: self.joined,
             link_down_since: (self.joined && self.revoked.is_none()).then_some(now),
-            finish_deadline: self.finish_deadline_ms.map(from_ms),
-            revoked: self.revoked.map(|(r, at)| (r, from_ms(at))),
+            finish_deadline: self.finish_deadline_ms.map(from_unix_ms),
+            revoked: self.revoked.map(|(r, at)| (r, from_unix_ms(at))),
         }
     }
 
     /// Copies the lifecycle facts that are stored.
     pub fn set_lifecycle(&mut self, life: &Lifecycle) {
-        self.created_at_ms = to_ms(life.created_at);
-        self.join_by_ms = to_ms(life.join_by);
-        self.hard_cap_ms = to_ms(life.hard_cap);
+        self.created_at_ms = to_unix_ms(life.created_at);
+        self.join_by_ms = to_unix_ms(life.join_by);
+        self.hard_cap_ms = to_unix_ms(life.hard_cap);
         self.grace_ms = life.grace.as_millis() as u64;
         self.resume_window_ms = life.resume_window.as_millis() as u64;
         self.policy = life.policy;
         self.joined = life.joined;
-        self.finish_deadline_ms = life.finish_deadline.map(to_ms);
-        self.revoked = life.revoked.map(|(r, at)| (r, to_ms(at)));
+        self.finish_deadline_ms = life.finish_deadline.map(to_unix_ms);
+        self.revoked = life.revoked.map(|(r, at)| (r, to_unix_ms(at)));
     }
 }
 
 /// A sample record for tests: a pending SSH session on port 20001.
 #[cfg(test)]
 pub fn sample(id: &str) -> SessionRecord {
-    use crate::lifecycle::LifetimeSettings;
+    use crate::session::lifecycle::LifetimeSettings;
     use porthole_protocol::{Secret, Service};
     let life = Lifecycle::new(
-        from_ms(1_800_000_000_000),
+        from_unix_ms(1_800_000_000_000),
         LifetimeSettings {
             join_ttl: Duration::from_secs(900),
             max_lifetime: Duration::from_secs(10_800),
@@ -192,10 +181,10 @@ mod tests {
     fn a_joined_record_comes_back_disconnected_with_its_deadlines() {
         let mut s = sample("s_1");
         s.joined = true;
-        let now = from_ms(1_800_000_100_000);
+        let now = from_unix_ms(1_800_000_100_000);
         let life = s.lifecycle(now);
         assert_eq!(life.link_down_since, Some(now));
-        assert_eq!(life.hard_cap, from_ms(s.hard_cap_ms));
+        assert_eq!(life.hard_cap, from_unix_ms(s.hard_cap_ms));
         assert!(hash_from_hex(&s.join_hash).is_some_and(|h| Secret::new("phj_s_1").matches(&h)));
     }
 

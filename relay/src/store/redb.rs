@@ -80,7 +80,9 @@ fn io(e: impl std::fmt::Display) -> StoreError {
 impl RedbStore {
     /// Opens (or creates) the store at `path` and starts its writer thread.
     pub fn open(path: &Path) -> Result<Self, RelayError> {
-        let err = |e: &dyn std::fmt::Display| RelayError::Store(format!("{}: {e}", path.display()));
+        let err = |e: &dyn std::fmt::Display| {
+            RelayError::Store(StoreError::Io(format!("{}: {e}", path.display())))
+        };
         let db = Database::create(path).map_err(|e| err(&e))?;
         let txn = db.begin_write().map_err(|e| err(&e))?;
         txn.open_table(SESSIONS).map_err(|e| err(&e))?;

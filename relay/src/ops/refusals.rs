@@ -15,8 +15,8 @@ use std::time::Duration;
 use porthole_protocol::Service;
 use tokio_util::sync::CancellationToken;
 
-use crate::audit::{AuditEvent, AuditLog};
-use crate::guards::VisitorRefusal;
+use crate::edge::visitor::guards::VisitorRefusal;
+use crate::ops::audit::{AuditEvent, AuditLog};
 use crate::untrusted::UntrustedMessage;
 
 /// Distinct refusal kinds remembered at once (each is a small map entry).
@@ -104,7 +104,7 @@ impl RefusalLog {
     /// (`detail` is the message, peer text in it is escaped and truncated here): logged in
     /// full when it is the first of its kind lately, else counted.
     pub fn agent(&self, peer: IpAddr, reason: &'static str, detail: &str) {
-        let source = Some(crate::source::source_key(peer.to_canonical()));
+        let source = Some(crate::edge::source::source_key(peer.to_canonical()));
         if self.note(RefusalKind::Agent { source, reason }) {
             tracing::warn!(%peer, reason, "agent connection refused: {}", UntrustedMessage(detail));
         }

@@ -12,10 +12,10 @@ use prometheus::{
 
 use porthole_protocol::{ErrorCode, Service};
 
-use crate::guards::VisitorRefusal;
-use crate::lifecycle::{RevokeReason, SessionState};
-use crate::ports::PortPool;
-use crate::sessions::SessionRegistry;
+use crate::edge::visitor::guards::VisitorRefusal;
+use crate::edge::visitor::ports::PortPool;
+use crate::session::lifecycle::{RevokeReason, SessionState};
+use crate::session::registry::SessionRegistry;
 
 /// Every metric the relay exports.
 #[derive(Debug)]

@@ -2,20 +2,21 @@
 //! on the relay (`park`), so a visitor is paired at once (`assign`) instead of waiting for
 //! the agent to dial and complete a handshake.
 //!
-//! [`crate::warm_pool::WarmPool`] is one session's queue of them; [`run`] serves one parked
+//! [`crate::session::warm_pool::WarmPool`] is one session's queue of them; [`run`] serves one parked
 //! connection.
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
+use porthole_protocol::codec::send_within;
 use porthole_protocol::codec::MessageCodec;
 use porthole_protocol::{ErrorCode, Message, Secret};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::codec::Framed;
 
-use crate::agent_conn::refuse;
-use crate::session::{DataConn, DataStream};
+use crate::edge::agent::conn::refuse;
+use crate::session::runtime::{DataConn, DataStream};
+use crate::session::warm_pool::{ParkRefusal, MAX_PARKED};
 use crate::shared::Relay;
 use crate::untrusted::Untrusted;
-use crate::warm_pool::{ParkRefusal, MAX_PARKED};
 
 /// How long sending `assign` on a parked connection may take (the visitor waits
 /// `public::ASSIGN_TIMEOUT` in all, then takes the cold path).
@@ -81,9 +82,9 @@ pub async fn run<S>(
         conn_id: assignment.conn_id,
         service: assignment.service,
     };
-    match tokio::time::timeout(ASSIGN_SEND_TIMEOUT, framed.send(assign)).await {
-        Ok(Ok(())) => {}
-        _ => {
+    match send_within(&mut framed, assign, ASSIGN_SEND_TIMEOUT, "agent").await {
+        Ok(()) => {}
+        Err(_) => {
             // The visitor falls back to a cold data connection.
             tracing::debug!(session_id, "cannot send assign on a warm data connection");
             return;

@@ -2,7 +2,7 @@
 //! (`hello`: control connection; `attach`: data connection for one visitor; `park`: warm
 //! data connection waiting for a visitor).
 //!
-//! Accepting and admission (pending-handshake limits) are [`crate::preauth::accept_loop`]'s;
+//! Accepting and admission (pending-handshake limits) are [`crate::edge::preauth::accept_loop`]'s;
 //! the TLS handshake and first frame run in the connection's own task under one deadline,
 //! never in the accept loop, holding a pending slot until the first frame.
 
@@ -17,13 +17,13 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::codec::Framed;
 
-use crate::preauth::{accept_loop, PendingGuard};
-use crate::session::DataStream;
+use crate::edge::preauth::{accept_loop, PendingGuard};
+use crate::session::runtime::DataStream;
 use crate::shared::Relay;
-use crate::{attach, control};
+use crate::{edge::agent::attach, edge::agent::control};
 
-use crate::agent_conn::refuse;
-pub use crate::agent_conn::AgentFramed;
+use crate::edge::agent::conn::refuse;
+pub use crate::edge::agent::conn::AgentFramed;
 
 /// Accepts agent connections until shutdown.
 pub async fn serve(relay: Arc<Relay>, listener: TcpListener, acceptor: TlsAcceptor) {
@@ -102,7 +102,7 @@ async fn handle(
             .await;
         }
         FirstFrame::Park { session_id, secret } => {
-            crate::warm::run(&relay, peer.ip(), framed, &session_id, &secret, |s| {
+            crate::edge::agent::park::run(&relay, peer.ip(), framed, &session_id, &secret, |s| {
                 DataStream::Tls(Box::new(s))
             })
             .await;

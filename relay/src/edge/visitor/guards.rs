@@ -2,7 +2,7 @@
 //! source CIDRs and a token bucket of new connections per source IP (so password guessing
 //! through the relay is slowed per attacker: every visitor reaches the VM's sshd from the
 //! agent's address, so sshd cannot tell attackers apart). The concurrent-visitor cap lives
-//! with the session's visitor count ([`crate::session::Session::admit_visitor`]).
+//! with the session's visitor count ([`crate::session::runtime::Session::admit_visitor`]).
 
 use std::net::IpAddr;
 use std::num::NonZeroU32;
@@ -109,7 +109,7 @@ impl Guards {
     /// Checks a new connection from `ip`.
     pub fn admit(&self, ip: IpAddr) -> Result<(), VisitorRefusal> {
         let ip = ip.to_canonical();
-        let source = crate::source::source_key(ip);
+        let source = crate::edge::source::source_key(ip);
         if !self.allow.is_empty() && !self.allow.iter().any(|net| net.contains(&ip)) {
             return Err(VisitorRefusal::SourceNotAllowed);
         }

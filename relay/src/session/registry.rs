@@ -1,6 +1,6 @@
 //! [`SessionRegistry`]: the relay's sessions by id and by join-token hash. The only holder
 //! of the maps: other modules look sessions up through it, and only the session operations
-//! ([`crate::registry`], [`crate::persist`]) add or remove them.
+//! ([`crate::session::actions`], [`crate::session::persist`]) add or remove them.
 
 use std::sync::Arc;
 
@@ -8,7 +8,7 @@ use dashmap::DashMap;
 use porthole_protocol::secret::SecretHash;
 use porthole_protocol::Secret;
 
-use crate::session::Session;
+use crate::session::runtime::Session;
 use crate::untrusted::valid_session_id;
 
 /// Sessions by id (revoked ones stay for the retention period) and by join-token hash.

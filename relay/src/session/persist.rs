@@ -8,13 +8,12 @@ use std::time::{Instant, SystemTime};
 
 use futures_util::future::BoxFuture;
 
+use crate::edge::visitor::guards::Guards;
 use crate::error::RelayError;
-use crate::guards::Guards;
-use crate::lifecycle::{LifetimePolicy, RevokeReason};
-use crate::session::{Session, SessionInner, SessionSpec};
+use crate::session::lifecycle::{LifetimePolicy, RevokeReason};
+use crate::session::runtime::{Durable, Session, SessionInner, SessionSpec};
 use crate::shared::Relay;
 use crate::store::{hash_from_hex, hash_hex, SessionRecord, SessionStore, StoreError, FORMAT};
-use crate::{public, supervisor};
 
 impl Relay {
     /// Queues the session's record as `inner` describes it, with the next version. Call it
@@ -65,11 +64,7 @@ impl Relay {
     pub async fn restore(self: &Arc<Self>) -> Result<usize, RelayError> {
         let now = SystemTime::now();
         let mut live = 0;
-        let records = self
-            .store
-            .list()
-            .await
-            .map_err(|e| RelayError::Store(e.to_string()))?;
+        let records = self.store.list().await?;
         for record in records {
             let mut life = record.lifecycle(now);
             // Visitors of an extend_while_connected session were cut by the restart: that is
@@ -82,10 +77,7 @@ impl Relay {
             if let Some((_, revoked_at)) = life.revoked {
                 let age = now.duration_since(revoked_at).unwrap_or_default();
                 if age >= self.config.revoked_retention {
-                    self.store
-                        .remove(&record.id)
-                        .await
-                        .map_err(|e| RelayError::Store(e.to_string()))?;
+                    self.store.remove(&record.id).await?;
                     continue;
                 }
                 let rest = self.config.port_cooldown.saturating_sub(age);
@@ -103,18 +95,8 @@ impl Relay {
                 match self.pool.claim(&session.ports()) {
                     Ok(listeners) => {
                         live += 1;
-                        for ((port, listener), endpoint) in
-                            listeners.into_iter().zip(&session.endpoints)
-                        {
-                            let task = public::serve_port(
-                                self.clone(),
-                                session.clone(),
-                                endpoint.service,
-                                port,
-                                listener,
-                            );
-                            self.tasks.spawn(task);
-                        }
+                        self.activate(&session, listeners);
+                        continue;
                     }
                     Err((port, e)) => {
                         tracing::error!(session_id = %session.id, port, error = %e, "cannot rebind a session port");
@@ -122,20 +104,30 @@ impl Relay {
                     }
                 }
             }
-            self.tasks.spawn(supervisor::run(self.clone(), session));
+            self.activate(&session, Vec::new());
         }
         Ok(live)
     }
 
     fn session_from(&self, r: &SessionRecord) -> Result<Session, RelayError> {
-        let bad = |what: &str| RelayError::Store(format!("session {}: bad {what}", r.id));
+        let bad = |what: &'static str| RelayError::BadRecord {
+            id: r.id.clone(),
+            what,
+        };
         let join_hash = hash_from_hex(&r.join_hash).ok_or_else(|| bad("join hash"))?;
-        let parse = |h: &Option<String>, what: &str| match h {
+        let parse = |h: &Option<String>, what: &'static str| match h {
             Some(h) => hash_from_hex(h).map(Some).ok_or_else(|| bad(what)),
             None => Ok(None),
         };
-        let resume_hash = parse(&r.resume_hash, "resume hash")?;
-        let pending_resume_hash = parse(&r.pending_resume_hash, "pending resume hash")?;
+        let durable = Durable {
+            resume_hash: parse(&r.resume_hash, "resume hash")?,
+            pending_resume_hash: parse(&r.pending_resume_hash, "pending resume hash")?,
+            confirmed: r.confirmed,
+            // Records written before `join_spent` existed: a confirmed, joined session's
+            // token was spent then too.
+            join_spent: r.join_spent || (r.joined && r.confirmed),
+            version: r.version,
+        };
         let c = &self.config;
         let spec = SessionSpec {
             id: r.id.clone(),
@@ -155,16 +147,7 @@ impl Relay {
             r.lifecycle(SystemTime::now()),
             self.cancel.child_token(),
         );
-        {
-            let mut inner = session.lock();
-            inner.resume_hash = resume_hash;
-            inner.pending_resume_hash = pending_resume_hash;
-            inner.confirmed = r.confirmed;
-            // Records written before `join_spent` existed: a confirmed, joined session's
-            // token was spent then too.
-            inner.join_spent = r.join_spent || (r.joined && r.confirmed);
-            inner.version = r.version;
-        }
+        session.lock().durable = durable;
         Ok(session)
     }
 }
@@ -180,20 +163,21 @@ pub fn save(
     session: &Session,
     inner: &mut SessionInner,
 ) -> BoxFuture<'static, Result<(), StoreError>> {
-    inner.version += 1;
+    inner.durable.version += 1;
+    let d = &inner.durable;
     let mut record = SessionRecord {
         format: FORMAT,
-        version: inner.version,
+        version: d.version,
         owner: None,
         id: session.id.clone(),
         build_id: session.build_id.clone(),
         app_id: session.app_id.clone(),
         endpoints: session.endpoints.clone(),
         join_hash: hash_hex(session.join_hash),
-        resume_hash: inner.resume_hash.map(hash_hex),
-        pending_resume_hash: inner.pending_resume_hash.map(hash_hex),
-        confirmed: inner.confirmed,
-        join_spent: inner.join_spent,
+        resume_hash: d.resume_hash.map(hash_hex),
+        pending_resume_hash: d.pending_resume_hash.map(hash_hex),
+        confirmed: d.confirmed,
+        join_spent: d.join_spent,
         allow_cidrs: session.guards.allow_cidrs().to_vec(),
         max_visitors: session.max_visitors,
         created_at_ms: 0,
@@ -215,7 +199,7 @@ pub fn save(
 async fn resync_version(store: &Arc<dyn SessionStore>, session: &Session) -> bool {
     match store.get(&session.id).await {
         Ok(stored) => {
-            session.lock().version = stored.map_or(0, |r| r.version);
+            session.lock().durable.version = stored.map_or(0, |r| r.version);
             true
         }
         Err(e) => {

@@ -17,7 +17,7 @@ use crate::shared::Relay;
 pub type AgentFramed = Framed<tokio_rustls::server::TlsStream<TcpStream>, MessageCodec>;
 
 /// Sends a typed error to the connection from `peer`, logs it (aggregated, see
-/// [`crate::refusals`]), and closes the connection.
+/// [`crate::ops::refusals`]), and closes the connection.
 pub async fn refuse<S>(
     relay: &Relay,
     peer: IpAddr,

@@ -7,17 +7,19 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use futures_util::{SinkExt, StreamExt};
+use porthole_protocol::codec::send_within;
 use porthole_protocol::limits::PROTOCOL_VERSION;
 use porthole_protocol::message::HelloAuth;
+use porthole_protocol::time::to_unix_ms;
 use porthole_protocol::{Credential, ErrorCode, FrameError, Message, Service};
 
-use crate::access::Access;
-use crate::agent_conn::{farewell, refuse, AgentFramed};
-use crate::lifecycle::RevokeReason;
+use crate::edge::agent::conn::{farewell, refuse, AgentFramed};
 use crate::limits::FAREWELL_TIMEOUT;
-use crate::registry::{AgentOffer, Refusal, Registration};
+use crate::session::access::Access;
+use crate::session::actions::{AgentOffer, Registration};
+use crate::session::lifecycle::RevokeReason;
+use crate::session::refusal::Refusal;
 use crate::shared::Relay;
-use crate::store::to_ms;
 use crate::untrusted::Untrusted;
 
 /// The fields of a `hello`.
@@ -40,17 +42,16 @@ pub struct Hello {
 }
 
 /// The checks of a `hello` that need no state: protocol version, credentials and host
-/// keys. Pure, so it is fuzzed with [`crate::agent_endpoint::classify`].
+/// keys. Pure, so it is fuzzed with [`crate::edge::agent::accept::classify`].
 pub fn screen(hello: Hello, ip: IpAddr) -> Result<(HelloAuth, AgentOffer, String), Refusal> {
     if hello.protocol_version != PROTOCOL_VERSION {
-        let msg = format!(
-            "porthole-agent {} speaks protocol {}, this relay (porthole-relay {}) speaks protocol {}: install the porthole-agent release that matches the relay",
-            Untrusted(&hello.agent_version), hello.protocol_version, env!("CARGO_PKG_VERSION"), PROTOCOL_VERSION
-        );
-        return Err((ErrorCode::VersionMismatch, msg));
+        return Err(Refusal::VersionMismatch {
+            agent_version: Untrusted(&hello.agent_version).to_string(),
+            theirs: hello.protocol_version,
+        });
     }
     let access = Access::from_hello(hello.credentials, hello.host_keys)
-        .map_err(|e| (ErrorCode::BadFrame, format!("hello refused: {e}")))?;
+        .map_err(|e| Refusal::BadHello(e.to_string()))?;
     let offer = AgentOffer {
         services: hello.services,
         access,
@@ -62,28 +63,34 @@ pub fn screen(hello: Hello, ip: IpAddr) -> Result<(HelloAuth, AgentOffer, String
 
 /// Registers the agent and serves its link until it ends.
 pub async fn run(relay: Arc<Relay>, mut framed: AgentFramed, hello: Hello, peer: SocketAddr) {
-    let (auth, offer, agent_version) = match screen(hello, peer.ip()) {
-        Ok(screened) => screened,
-        Err((code, msg)) => {
+    let (reg, agent_version) = match register(&relay, hello, peer.ip()).await {
+        Ok(registered) => registered,
+        Err(refusal) => {
+            let code = refusal.code();
             relay.metrics.handshake_failed(code.as_str());
-            return refuse(&relay, peer.ip(), &mut framed, code, msg).await;
-        }
-    };
-    let registered = match &auth {
-        HelloAuth::Join { token } => relay.join(token, &offer).await,
-        HelloAuth::Resume { session_id, secret } => relay.resume(session_id, secret, &offer).await,
-    };
-    let reg = match registered {
-        Ok(reg) => reg,
-        Err((code, msg)) => {
-            relay.metrics.handshake_failed(code.as_str());
-            return refuse(&relay, peer.ip(), &mut framed, code, msg).await;
+            return refuse(&relay, peer.ip(), &mut framed, code, refusal.to_string()).await;
         }
     };
     let session_id = reg.session.id.clone();
     tracing::info!(%session_id, %peer, agent_version = %Untrusted(&agent_version), resumed = reg.resumed,
         "agent {}", if reg.resumed { "resumed" } else { "joined" });
     serve(&relay, peer.ip(), framed, reg).await;
+}
+
+/// Screens the `hello` and joins or resumes its session; also returns the agent's version.
+async fn register(
+    relay: &Relay,
+    hello: Hello,
+    ip: IpAddr,
+) -> Result<(Registration, String), Refusal> {
+    let (auth, offer, agent_version) = screen(hello, ip)?;
+    let reg = match &auth {
+        HelloAuth::Join { token } => relay.join(token, &offer).await?,
+        HelloAuth::Resume { session_id, secret } => {
+            relay.resume(session_id, secret, &offer).await?
+        }
+    };
+    Ok((reg, agent_version))
 }
 
 async fn serve(relay: &Relay, peer: IpAddr, mut framed: AgentFramed, mut reg: Registration) {
@@ -93,7 +100,7 @@ async fn serve(relay: &Relay, peer: IpAddr, mut framed: AgentFramed, mut reg: Re
         session_id: session.id.clone(),
         resume_secret: reg.resume_secret.clone(),
         endpoints: session.endpoints.clone(),
-        deadline_unix_ms: to_ms(deadline),
+        deadline_unix_ms: to_unix_ms(deadline),
         heartbeat_ms: relay.config.heartbeat_interval.as_millis() as u64,
         resumed: reg.resumed,
         data_plane: relay.config.data_plane,
@@ -218,11 +225,5 @@ async fn send(
     msg: Message,
     limit: std::time::Duration,
 ) -> Result<(), FrameError> {
-    match tokio::time::timeout(limit, framed.send(msg)).await {
-        Ok(sent) => sent,
-        Err(_) => Err(FrameError::Io(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            "the agent stopped reading its control connection",
-        ))),
-    }
+    send_within(framed, msg, limit, "agent").await
 }

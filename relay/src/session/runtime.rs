@@ -12,11 +12,11 @@ use std::time::SystemTime;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 
-use crate::access::Access;
-pub use crate::data_conn::{DataConn, DataStream};
-use crate::guards::{Guards, VisitorRefusal};
-use crate::lifecycle::Lifecycle;
-use crate::warm_pool::{Assignment, ParkRefusal, WarmPool};
+use crate::edge::visitor::guards::{Guards, VisitorRefusal};
+use crate::session::access::Access;
+pub use crate::session::data_conn::{DataConn, DataStream};
+use crate::session::lifecycle::Lifecycle;
+use crate::session::warm_pool::{Assignment, ParkRefusal, WarmPool};
 
 /// The fixed facts of a new session.
 #[derive(Debug)]
@@ -39,7 +39,7 @@ pub struct SessionSpec {
 
 /// Counts one visitor of a session while it lives (toward `max_visitors` and its source's
 /// cap); once [`VisitorGuard::hold`] was called it also holds an
-/// [`crate::lifecycle::LifetimePolicy::ExtendWhileConnected`] session open, and dropping it
+/// [`crate::session::lifecycle::LifetimePolicy::ExtendWhileConnected`] session open, and dropping it
 /// may then start a fresh grace.
 #[derive(Debug)]
 pub struct VisitorGuard {
@@ -121,13 +121,11 @@ impl SessionInner {
     }
 }
 
-/// What changes under the session lock.
-#[derive(Debug)]
-pub struct SessionInner {
-    /// State facts and deadlines.
-    pub life: Lifecycle,
-    /// The agent's control link, while connected.
-    pub link: Option<Link>,
+/// The registration state that is durable: every save writes it to the store (with the
+/// session's fixed facts and lifecycle, as a [`crate::store::SessionRecord`]) and a restore
+/// reads it back ([`crate::session::persist`]).
+#[derive(Clone, Debug, Default)]
+pub struct Durable {
     /// Hash of the resume secret the agent is known to hold (confirmed).
     pub resume_hash: Option<SecretHash>,
     /// Hash of the resume secret sent in the latest `registered`, until the agent proves it
@@ -137,15 +135,29 @@ pub struct SessionInner {
     /// Whether the agent confirmed its latest registration.
     pub confirmed: bool,
     /// Whether any registration of this session was ever confirmed: from then on the join
-    /// token is refused for good (persisted). Until then it stays usable while no agent is
-    /// connected, so a lost `registered` answer never locks the first agent out.
+    /// token is refused for good. Until then it stays usable while no agent is connected, so
+    /// a lost `registered` answer never locks the first agent out.
     pub join_spent: bool,
-    /// Credentials and host keys from the agent (memory only; dropped at revocation).
-    pub access: Option<Access>,
-    /// Connected visitors per source key (for `max_visitors_per_source`).
-    pub sources: HashMap<IpAddr, usize>,
     /// Version of the latest record written for this session (see [`crate::store`]).
     pub version: u64,
+}
+
+/// What changes under the session lock: the durable state ([`SessionInner::life`] without
+/// its visitor counts, and [`SessionInner::durable`]) and what lives only in this process
+/// (the link, the reported credentials, the visitors per source).
+#[derive(Debug)]
+pub struct SessionInner {
+    /// State facts and deadlines (durable), and this node's visitor counts (not).
+    pub life: Lifecycle,
+    /// Registration state written with every save.
+    pub durable: Durable,
+    /// Node-local: the agent's control link, while connected.
+    pub link: Option<Link>,
+    /// Node-local: credentials and host keys from the agent (memory only; dropped at
+    /// revocation; the agent sends them again when it resumes).
+    pub access: Option<Access>,
+    /// Node-local: connected visitors per source key (for `max_visitors_per_source`).
+    pub sources: HashMap<IpAddr, usize>,
 }
 
 /// A visitor waiting for the agent's data connection.
@@ -210,14 +222,10 @@ impl Session {
             changed: Notify::new(),
             inner: Mutex::new(SessionInner {
                 life,
+                durable: Durable::default(),
                 link: None,
-                resume_hash: None,
-                pending_resume_hash: None,
-                confirmed: false,
-                join_spent: false,
                 access: None,
                 sources: HashMap::new(),
-                version: 0,
             }),
             pending: Mutex::new(HashMap::new()),
             auth_waiters: Mutex::new(HashMap::new()),
@@ -236,7 +244,7 @@ impl Session {
         ip: IpAddr,
         per_source: usize,
     ) -> Result<(Link, VisitorGuard), VisitorRefusal> {
-        let source = crate::source::source_key(ip.to_canonical());
+        let source = crate::edge::source::source_key(ip.to_canonical());
         let mut inner = self.lock();
         let link = inner
             .link

@@ -13,20 +13,20 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tracing::Instrument;
 
-use crate::audit::AuditEvent;
-use crate::guards::VisitorRefusal;
-use crate::lifecycle::LifetimePolicy;
+use crate::edge::visitor::guards::VisitorRefusal;
+use crate::edge::visitor::rfb;
+use crate::edge::visitor::scanner::read_ssh_banner;
 use crate::limits::ACCEPT_ERROR_BACKOFF;
-use crate::refusals::RefusalKind;
-use crate::rfb;
-use crate::scanner::read_ssh_banner;
-use crate::session::{DataConn, DataStream, Session, VisitorGuard};
+use crate::ops::audit::AuditEvent;
+use crate::ops::refusals::RefusalKind;
+use crate::session::lifecycle::LifetimePolicy;
+use crate::session::runtime::{DataConn, DataStream, Session, VisitorGuard};
+use crate::session::warm_pool::Assignment;
 use crate::shared::Relay;
-use crate::warm_pool::Assignment;
 
 /// How long handing a visitor to parked data connections may take in all before the visitor
 /// falls back to a freshly dialed one (longer than a parked connection may take to send
-/// `assign`: [`crate::warm::ASSIGN_SEND_TIMEOUT`]).
+/// `assign`: [`crate::edge::agent::park::ASSIGN_SEND_TIMEOUT`]).
 const ASSIGN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Accepts visitors on one public port until the session is revoked; dropping the listener
@@ -73,7 +73,7 @@ struct Visit<'a> {
 
 impl Visit<'_> {
     /// Counts a refusal; writes it to the logs when it is the first of its kind lately
-    /// (repeats go into [`crate::refusals`]' summaries).
+    /// (repeats go into [`crate::ops::refusals`]' summaries).
     fn refuse(&self, reason: VisitorRefusal) {
         self.relay
             .metrics
@@ -85,7 +85,7 @@ impl Visit<'_> {
             session_id: self.session.id.clone(),
             service: self.service,
             port: self.port,
-            source: Some(crate::source::source_key(source_ip)),
+            source: Some(crate::edge::source::source_key(source_ip)),
             reason,
         };
         if !self.relay.refusals.note(kind) {
@@ -331,7 +331,7 @@ async fn forward_visitor(
 }
 
 /// Consumes the VNC server's version line from a fresh data connection (the viewer already
-/// got the relay's, see [`crate::rfb`]).
+/// got the relay's, see [`crate::edge::visitor::rfb`]).
 async fn open_vnc_server(
     data: &mut DataConn,
     viewer_reply: &[u8],
@@ -370,7 +370,7 @@ async fn forward_data(
     data: DataConn,
     early: &[u8],
     cancel: &tokio_util::sync::CancellationToken,
-    metrics: &crate::metrics::Metrics,
+    metrics: &crate::ops::metrics::Metrics,
 ) -> Result<ForwardStats, ForwardError> {
     let unsent = |source| ForwardError {
         stats: ForwardStats::default(),

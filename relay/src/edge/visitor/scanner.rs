@@ -2,13 +2,13 @@
 //! (`SSH-2.0-...`, RFC 4253 §4.2), so the relay reads it, within a deadline and a byte
 //! bound, before asking the agent to open anything. Port scanners, HTTP probes and silent
 //! connections never reach the build machine. The bytes read are returned so they are
-//! forwarded, not lost. (VNC servers speak first: [`crate::rfb`] does the same for VNC ports.)
+//! forwarded, not lost. (VNC servers speak first: [`crate::edge::visitor::rfb`] does the same for VNC ports.)
 
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt};
 
-use crate::guards::VisitorRefusal;
+use crate::edge::visitor::guards::VisitorRefusal;
 use crate::limits::SSH_BANNER_MAX;
 
 /// Identification prefixes of SSH 2 clients (`1.99` is a 2-capable client of old).

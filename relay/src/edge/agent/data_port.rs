@@ -12,10 +12,10 @@ use porthole_protocol::{ErrorCode, Message};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::codec::Framed;
 
-use crate::agent_conn::refuse;
-use crate::attach;
-use crate::preauth::{accept_loop, PendingGuard};
-use crate::session::DataStream;
+use crate::edge::agent::attach;
+use crate::edge::agent::conn::refuse;
+use crate::edge::preauth::{accept_loop, PendingGuard};
+use crate::session::runtime::DataStream;
 use crate::shared::Relay;
 
 /// Accepts data connections until shutdown.

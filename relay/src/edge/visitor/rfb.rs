@@ -12,7 +12,7 @@ use std::time::Duration;
 use bytes::Buf;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::guards::VisitorRefusal;
+use crate::edge::visitor::guards::VisitorRefusal;
 
 /// Length of an RFB version line: `RFB xxx.yyy\n`.
 pub const VERSION_LEN: usize = 12;

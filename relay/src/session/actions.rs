@@ -4,25 +4,30 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use porthole_protocol::{Endpoint, ErrorCode, Message, Secret, Service};
+use porthole_protocol::{Endpoint, Message, Secret, Service};
+use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 use ipnet::IpNet;
 
-use crate::access::Access;
-use crate::audit::AuditEvent;
+use crate::edge::visitor::guards::Guards;
 use crate::error::RelayError;
-use crate::guards::Guards;
-use crate::lifecycle::{Lifecycle, LifetimePolicy, LifetimeSettings, RevokeReason, SessionState};
 use crate::limits::CONTROL_QUEUE;
-use crate::persist::nonzero;
-use crate::session::{Link, Session, SessionSpec};
+use crate::ops::audit::AuditEvent;
+use crate::session::access::Access;
+use crate::session::lifecycle::{
+    Lifecycle, LifetimePolicy, LifetimeSettings, RevokeReason, SessionState,
+};
+use crate::session::persist::nonzero;
+use crate::session::refusal::Refusal;
+use crate::session::runtime::{Link, Session, SessionSpec};
 use crate::shared::Relay;
-use crate::store::{to_ms, StoreError};
+use crate::store::StoreError;
 use crate::untrusted::valid_session_id;
-use crate::{public, supervisor};
+use crate::{edge::visitor::public, session::supervisor};
 use futures_util::future::BoxFuture;
 use porthole_protocol::secret::SecretHash;
+use porthole_protocol::time::to_unix_ms;
 
 /// What the API asks for when it creates a session.
 #[derive(Clone, Debug)]
@@ -57,9 +62,6 @@ pub struct AgentOffer {
     /// Whether it takes `visitors` reports.
     pub visitor_reports: bool,
 }
-
-/// A refusal to an agent: code and message for the `error` frame.
-pub type Refusal = (ErrorCode, String);
 
 /// What [`Relay::claim_link`] took under the session lock.
 struct Claimed {
@@ -107,19 +109,42 @@ pub struct Registration {
 }
 
 impl Relay {
-    /// Creates a session: binds its public ports and starts its supervisor.
+    /// Creates a session: binds its public ports, makes it durable, and activates it on this
+    /// node. The ports go back to the pool if the session cannot be stored.
     pub async fn create_session(
         self: &Arc<Self>,
         req: NewSession,
     ) -> Result<(Arc<Session>, Secret), RelayError> {
         let listeners = self.pool.allocate(req.services.len())?;
+        let ports: Vec<u16> = listeners.iter().map(|(p, _)| *p).collect();
+        match self.store_new_session(req, &ports).await {
+            Ok((session, join_token)) => {
+                self.activate(&session, listeners);
+                Ok((session, join_token))
+            }
+            Err(e) => {
+                drop(listeners);
+                self.pool.release_now(&ports);
+                Err(e)
+            }
+        }
+    }
+
+    /// The part of [`Relay::create_session`] that binds nothing: a new pending session on
+    /// `ports` (one per service, in order), durable before it is returned, then in the
+    /// registry, counted and audited.
+    pub async fn store_new_session(
+        &self,
+        req: NewSession,
+        ports: &[u16],
+    ) -> Result<(Arc<Session>, Secret), RelayError> {
         let join_token = Secret::generate("phj_");
         let id = format!("s_{}", &Secret::generate("").expose()[..20]);
         let endpoints = req
             .services
             .iter()
-            .zip(&listeners)
-            .map(|(service, (port, _))| Endpoint {
+            .zip(ports)
+            .map(|(service, port)| Endpoint {
                 service: *service,
                 host: self.public_host.clone(),
                 port: *port,
@@ -148,26 +173,10 @@ impl Relay {
         };
         let life = Lifecycle::new(SystemTime::now(), settings);
         let session = Arc::new(Session::new(spec, life, self.cancel.child_token()));
-        // Durable before the API answers; the ports go back if it is not.
+        // Durable before the API answers.
         let saved = self.save(&session, &mut session.lock());
-        if let Err(e) = saved.await {
-            let ports: Vec<u16> = listeners.iter().map(|(p, _)| *p).collect();
-            drop(listeners);
-            self.pool.release_now(&ports);
-            return Err(RelayError::Store(e.to_string()));
-        }
+        saved.await?;
         self.sessions.insert(session.clone());
-        for ((port, listener), service) in listeners.into_iter().zip(req.services) {
-            self.tasks.spawn(public::serve_port(
-                self.clone(),
-                session.clone(),
-                service,
-                port,
-                listener,
-            ));
-        }
-        self.tasks
-            .spawn(supervisor::run(self.clone(), session.clone()));
         tracing::info!(session_id = %id, build_id = %session.build_id, app_id = %session.app_id,
             ports = ?session.ports(), "session created");
         self.metrics.sessions_created.inc();
@@ -180,12 +189,30 @@ impl Relay {
         Ok((session, join_token))
     }
 
+    /// Brings a session up on this node: serves each of its public `listeners` (in the order
+    /// of its endpoints) and starts its deadline supervisor. Creating and restoring a session
+    /// both come here; a revoked session that is only kept for its retention gets no
+    /// listeners, only the supervisor that forgets it.
+    pub fn activate(self: &Arc<Self>, session: &Arc<Session>, listeners: Vec<(u16, TcpListener)>) {
+        for ((port, listener), endpoint) in listeners.into_iter().zip(&session.endpoints) {
+            self.tasks.spawn(public::serve_port(
+                self.clone(),
+                session.clone(),
+                endpoint.service,
+                port,
+                listener,
+            ));
+        }
+        self.tasks
+            .spawn(supervisor::run(self.clone(), session.clone()));
+    }
+
     /// Registers an agent that presents a join token.
     pub async fn join(&self, token: &Secret, agent: &AgentOffer) -> Result<Registration, Refusal> {
-        let session = self.sessions.by_join_token(token).ok_or((
-            ErrorCode::BadToken,
-            "unknown join token: check it was copied whole, or create a new session".to_owned(),
-        ))?;
+        let session = self
+            .sessions
+            .by_join_token(token)
+            .ok_or(Refusal::UnknownJoinToken)?;
         self.register(session, agent, false).await
     }
 
@@ -197,21 +224,13 @@ impl Relay {
         agent: &AgentOffer,
     ) -> Result<Registration, Refusal> {
         if !valid_session_id(session_id) {
-            return Err((
-                ErrorCode::BadToken,
-                "malformed session id in the resume: it is `s_` and 20 hex digits".to_owned(),
-            ));
+            return Err(Refusal::MalformedSessionId);
         }
-        let bad = || {
-            (
-                ErrorCode::BadToken,
-                format!("unknown session `{session_id}` or wrong resume secret"),
-            )
-        };
+        let bad = || Refusal::BadResume(session_id.to_owned());
         let session = self.sessions.get(session_id).ok_or_else(bad)?;
         let known = {
             let inner = session.lock();
-            [inner.resume_hash, inner.pending_resume_hash]
+            [inner.durable.resume_hash, inner.durable.pending_resume_hash]
         };
         if !known.iter().flatten().any(|h| secret.matches(h)) {
             return Err(bad());
@@ -230,9 +249,10 @@ impl Relay {
             .into_iter()
             .find(|s| !agent.services.contains(s))
         {
-            return Err((ErrorCode::ServiceMismatch, format!(
-                "session {} needs service `{missing}` but the agent offers none: add --service {missing}=HOST:PORT",
-                session.id)));
+            return Err(Refusal::ServiceMissing {
+                session_id: session.id.clone(),
+                missing,
+            });
         }
         let Claimed {
             link,
@@ -251,8 +271,8 @@ impl Relay {
                     inner.link = None;
                     let (pending, confirmed, joined, down_since, access);
                     (pending, confirmed, joined, down_since, access) = before;
-                    inner.pending_resume_hash = pending;
-                    inner.confirmed = confirmed;
+                    inner.durable.pending_resume_hash = pending;
+                    inner.durable.confirmed = confirmed;
                     inner.life.joined = joined;
                     inner.life.link_down_since = down_since;
                     // The refused agent's credentials are not shown (a revocation meanwhile
@@ -262,10 +282,7 @@ impl Relay {
             }
             link.cancel.cancel();
             self.resync_version(&session).await;
-            return Err((
-                ErrorCode::Internal,
-                "the relay could not save the session; retrying may help".into(),
-            ));
+            return Err(Refusal::NotSaved);
         }
         session.changed.notify_one();
         let kind = if resume { "resume" } else { "join" };
@@ -303,27 +320,23 @@ impl Relay {
     ) -> Result<Claimed, Refusal> {
         let mut inner = session.lock();
         if let Some((reason, _)) = inner.life.revoked {
-            return Err((
-                ErrorCode::SessionRevoked,
-                format!("session {} was revoked: {}", session.id, reason.describe()),
-            ));
+            return Err(Refusal::Revoked {
+                session_id: session.id.clone(),
+                reason,
+            });
         }
         // A join token is spent for good once any registration of the session was confirmed
         // (by join or resume); before that (the `registered` answer may have been lost) it
         // may join again.
-        if !resume && inner.join_spent {
-            return Err((ErrorCode::TokenUsed, format!(
-                "join token of session {} was already used by an agent; a reconnecting agent resumes with its resume secret",
-                session.id)));
+        if !resume && inner.durable.join_spent {
+            return Err(Refusal::TokenUsed(session.id.clone()));
         }
         if inner
             .link
             .as_ref()
             .is_some_and(|l| !l.cancel.is_cancelled())
         {
-            return Err((ErrorCode::SessionBusy, format!(
-                "session {} already has a connected agent; retry once its link is gone (dead links are dropped after three missed heartbeats)",
-                session.id)));
+            return Err(Refusal::Busy(session.id.clone()));
         }
         let (tx, rx) = mpsc::channel(CONTROL_QUEUE);
         let park_secret = Secret::generate("php_");
@@ -343,14 +356,14 @@ impl Relay {
         };
         let resume_secret = Secret::generate("phr_");
         let before = (
-            inner.pending_resume_hash,
-            inner.confirmed,
+            inner.durable.pending_resume_hash,
+            inner.durable.confirmed,
             inner.life.joined,
             inner.life.link_down_since,
             inner.access.clone(),
         );
-        inner.pending_resume_hash = Some(resume_secret.hash());
-        inner.confirmed = false;
+        inner.durable.pending_resume_hash = Some(resume_secret.hash());
+        inner.durable.confirmed = false;
         if resume {
             inner.life.on_resume()
         } else {
@@ -378,14 +391,14 @@ impl Relay {
     pub async fn confirm_registration(&self, session: &Session, link_id: u64) {
         let saved = {
             let mut inner = session.lock();
-            if inner.confirmed || inner.link.as_ref().is_none_or(|l| l.id != link_id) {
+            if inner.durable.confirmed || inner.link.as_ref().is_none_or(|l| l.id != link_id) {
                 return;
             }
-            if let Some(pending) = inner.pending_resume_hash.take() {
-                inner.resume_hash = Some(pending);
+            if let Some(pending) = inner.durable.pending_resume_hash.take() {
+                inner.durable.resume_hash = Some(pending);
             }
-            inner.confirmed = true;
-            inner.join_spent = true;
+            inner.durable.confirmed = true;
+            inner.durable.join_spent = true;
             self.save(session, &mut inner)
         };
         if let Err(e) = saved.await {
@@ -415,15 +428,7 @@ impl Relay {
             tracing::warn!(session_id = %session.id, error = %e, "cannot save the new deadline");
             self.resync_version(session).await;
         }
-        if let Some(link) = link {
-            let msg = Message::Deadline {
-                deadline_unix_ms: to_ms(deadline),
-                finishing,
-            };
-            if link.tx.try_send(msg).is_err() {
-                tracing::debug!(session_id = %session.id, "could not queue deadline update for the agent");
-            }
-        }
+        tell_deadline(session, link, deadline, finishing);
     }
 
     /// The build finished (`by`: `agent` or `api`): start the grace period and tell the
@@ -440,7 +445,7 @@ impl Relay {
         if let Err(e) = saved.await {
             session.lock().life.finish_deadline = before;
             self.resync_version(session).await;
-            return Err(RelayError::Store(e.to_string()));
+            return Err(e.into());
         }
         self.audit.record(AuditEvent::SessionFinished {
             session_id: session.id.clone(),
@@ -452,15 +457,7 @@ impl Relay {
         drop(inner);
         session.changed.notify_one();
         tracing::info!(session_id = %session.id, deadline = %humantime::format_rfc3339_seconds(deadline), "session finishing");
-        if let Some(link) = link {
-            let msg = Message::Deadline {
-                deadline_unix_ms: to_ms(deadline),
-                finishing: true,
-            };
-            if link.tx.try_send(msg).is_err() {
-                tracing::debug!(session_id = %session.id, "could not queue deadline update for the agent");
-            }
-        }
+        tell_deadline(session, link, deadline, true);
         Ok(())
     }
 
@@ -509,5 +506,19 @@ impl Relay {
                 }
             });
         }
+    }
+}
+
+/// Tells the agent on `link` (if connected) the session's deadline, without waiting: a full
+/// queue drops the update (the agent hears the next one, and the relay enforces the deadline
+/// either way).
+fn tell_deadline(session: &Session, link: Option<Link>, deadline: SystemTime, finishing: bool) {
+    let Some(link) = link else { return };
+    let msg = Message::Deadline {
+        deadline_unix_ms: to_unix_ms(deadline),
+        finishing,
+    };
+    if link.tx.try_send(msg).is_err() {
+        tracing::debug!(session_id = %session.id, "could not queue deadline update for the agent");
     }
 }

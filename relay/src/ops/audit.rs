@@ -3,7 +3,7 @@
 //! Lines are written synchronously under a lock, so an event is on its way to disk before
 //! the action it records is answered. Events carry ids, addresses, roles and counts, never a
 //! secret: no type here holds one. Refusals are aggregated before they get here
-//! ([`crate::refusals`]), so a flood writes a few lines, not one per connection.
+//! ([`crate::ops::refusals`]), so a flood writes a few lines, not one per connection.
 //!
 //! Rotation: the file is reopened on SIGUSR2 ([`AuditLog::reopen`]), so `logrotate` can
 //! rename it and signal the relay (`docs/security.md` has a logrotate example). A write that fails (a full
@@ -22,9 +22,9 @@ use std::time::SystemTime;
 use porthole_protocol::Service;
 use serde::Serialize;
 
+use crate::edge::visitor::guards::VisitorRefusal;
 use crate::error::RelayError;
-use crate::guards::VisitorRefusal;
-use crate::lifecycle::RevokeReason;
+use crate::session::lifecycle::RevokeReason;
 
 /// Something worth an audit line.
 #[derive(Clone, Debug, Serialize)]
@@ -127,7 +127,7 @@ pub enum AuditEvent {
     },
     /// A visitor was turned away: the first of its kind at once (`count` 1), repeats as one
     /// summary line per interval (`count` repeats in the last `summary_secs`); see
-    /// [`crate::refusals`].
+    /// [`crate::ops::refusals`].
     VisitorRefused {
         /// Session.
         session_id: String,

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use crate::limits::SUPERVISOR_MAX_SLEEP;
-use crate::session::Session;
+use crate::session::runtime::Session;
 use crate::shared::Relay;
 
 /// Runs until the session is revoked and its retention is over, or the relay shuts down.

@@ -7,8 +7,8 @@ use porthole_protocol::codec::MessageCodec;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::codec::Framed;
 
-use crate::agent_conn::refuse;
-use crate::session::{DataConn, DataStream};
+use crate::edge::agent::conn::refuse;
+use crate::session::runtime::{DataConn, DataStream};
 use crate::shared::Relay;
 use crate::untrusted::Untrusted;
 use std::net::IpAddr;

@@ -1,6 +1,6 @@
 //! [`WarmPool`]: one session's queue of warm data connections parked by its agent, oldest
 //! first, bounded, per link. Plain data shared by the session and the task serving each
-//! parked connection ([`crate::warm`]).
+//! parked connection ([`crate::edge::agent::park`]).
 
 use std::collections::VecDeque;
 use std::sync::{Mutex, MutexGuard};
@@ -8,7 +8,7 @@ use std::sync::{Mutex, MutexGuard};
 use porthole_protocol::Service;
 use tokio::sync::oneshot;
 
-use crate::data_conn::DataConn;
+use crate::session::data_conn::DataConn;
 
 /// Warm data connections one session may hold (agents keep at most 8; this leaves room for
 /// connections of a link that just ended, and bounds a misbehaving agent).

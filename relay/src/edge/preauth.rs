@@ -1,6 +1,6 @@
 //! Limits on what unauthenticated peers can hold: pending agent handshakes relay-wide
 //! ([`PendingHandshakes`], which evicts the oldest instead of refusing the newest) and per
-//! source ([`crate::source::PerIpLimit`]), so silent connections or stalled TLS handshakes cannot crowd out
+//! source ([`crate::edge::source::PerIpLimit`]), so silent connections or stalled TLS handshakes cannot crowd out
 //! real agents. [`accept_loop`] applies both to every listener that takes unauthenticated
 //! connections (the agent endpoint and the `tcp` data port).
 
@@ -13,9 +13,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::edge::source::{PerIpLimit, PerIpPermit};
 use crate::limits::{ACCEPT_ERROR_BACKOFF, MAX_PENDING_HANDSHAKES_PER_IP};
 use crate::shared::Relay;
-use crate::source::{PerIpLimit, PerIpPermit};
 
 /// Agent connections in the handshake phase, relay-wide. Accepting never waits on it: when
 /// it is full, the oldest pending handshake is dropped for the new one. A real agent's

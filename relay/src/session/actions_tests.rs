@@ -1,6 +1,8 @@
 //! Unit tests of the session operations on an in-memory store, no sockets: the join-token
 //! and resume rules, races between operations, a failing store, restart with deadlines
-//! passed. Sessions are made by hand (their ports are never bound here).
+//! passed, create and purge. No port is bound here: sessions are created with
+//! [`Relay::store_new_session`] (the part of create that binds nothing) or by hand when a
+//! test needs a session created in the past.
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,15 +15,19 @@ use porthole_protocol::tls::CertResolver;
 use porthole_protocol::{Endpoint, ErrorCode, Secret, Service};
 use tokio::sync::Notify;
 
-use crate::access::Access;
-use crate::audit::AuditLog;
 use crate::config::RelayConfig;
-use crate::guards::Guards;
-use crate::lifecycle::{Lifecycle, LifetimePolicy, LifetimeSettings, RevokeReason, SessionState};
-use crate::metrics::Metrics;
-use crate::persist::nonzero;
-use crate::registry::{AgentOffer, Registration};
-use crate::session::{Session, SessionSpec};
+use crate::edge::visitor::guards::Guards;
+use crate::error::RelayError;
+use crate::ops::audit::AuditLog;
+use crate::ops::metrics::Metrics;
+use crate::session::access::Access;
+use crate::session::actions::{AgentOffer, NewSession, Registration};
+use crate::session::lifecycle::{
+    Lifecycle, LifetimePolicy, LifetimeSettings, RevokeReason, SessionState,
+};
+use crate::session::persist::nonzero;
+use crate::session::refusal::Refusal;
+use crate::session::runtime::{Session, SessionSpec};
 use crate::shared::{Relay, TlsFiles};
 use crate::store::{MemoryStore, SessionRecord, SessionStore, StoreChange, StoreError};
 use crate::user_token::UserTokens;
@@ -177,8 +183,8 @@ async fn joined_then_gone(relay: &Arc<Relay>, token: &Secret, s: &Arc<Session>) 
     joined
 }
 
-fn code<T>(result: &Result<T, (ErrorCode, String)>) -> Option<ErrorCode> {
-    result.as_ref().err().map(|(c, _)| *c)
+fn code<T>(result: &Result<T, Refusal>) -> Option<ErrorCode> {
+    result.as_ref().err().map(Refusal::code)
 }
 
 #[tokio::test]
@@ -209,7 +215,7 @@ async fn a_lost_registered_keeps_the_token_and_a_confirmed_resume_spends_it() {
         .get(&s.id)
         .await
         .unwrap_or_else(|e| unreachable!("{e}"));
-    assert!(stored.is_some_and(|r| r.join_spent && r.version == s.lock().version));
+    assert!(stored.is_some_and(|r| r.join_spent && r.version == s.lock().durable.version));
     // The first answer's secret was never confirmed: refused.
     let stale = relay.resume(&s.id, &first.resume_secret, &agent()).await;
     assert_eq!(code(&stale), Some(ErrorCode::BadToken));
@@ -292,7 +298,7 @@ async fn a_finish_during_a_resume_keeps_both() {
         .await
         .unwrap_or_else(|e| unreachable!("{e}"));
     let stored = stored.unwrap_or_else(|| unreachable!("stored"));
-    assert!(stored.finish_deadline_ms.is_some() && stored.version == s.lock().version);
+    assert!(stored.finish_deadline_ms.is_some() && stored.version == s.lock().durable.version);
 }
 
 #[tokio::test]
@@ -330,4 +336,94 @@ async fn a_restart_with_deadlines_passed_revokes_at_once() {
         tokio::task::yield_now().await;
     }
     unreachable!("the revocation was not stored");
+}
+
+fn new_session() -> NewSession {
+    NewSession {
+        build_id: "b".into(),
+        app_id: "a".into(),
+        services: vec![Service::Ssh, Service::Vnc],
+        grace: Duration::from_secs(600),
+        max_lifetime: Duration::from_secs(3600),
+        policy: LifetimePolicy::GraceAfterFinish,
+        allow_cidrs: vec![],
+        max_visitors: None,
+    }
+}
+
+#[tokio::test]
+async fn a_created_session_is_durable_before_it_is_returned_and_its_token_joins() {
+    let (relay, _dir) = relay(Arc::new(MemoryStore::new()));
+    let (s, token) = relay
+        .store_new_session(new_session(), &[20001, 20002])
+        .await
+        .unwrap_or_else(|e| unreachable!("{e}"));
+    let stored = relay.store.get(&s.id).await;
+    let stored = stored
+        .unwrap_or_else(|e| unreachable!("{e}"))
+        .unwrap_or_else(|| unreachable!("stored"));
+    assert_eq!(stored.version, 1);
+    assert_eq!(
+        stored
+            .endpoints
+            .iter()
+            .map(|e| (e.service, e.port))
+            .collect::<Vec<_>>(),
+        [(Service::Ssh, 20001), (Service::Vnc, 20002)]
+    );
+    assert_eq!(stored.join_hash, crate::store::hash_hex(token.hash()));
+    assert_eq!(stored.max_visitors, relay.config.max_visitors);
+    assert!(relay
+        .sessions
+        .get(&s.id)
+        .is_some_and(|r| Arc::ptr_eq(&r, &s)));
+    assert_eq!(s.lock().life.state(), SessionState::Pending);
+    let offer = AgentOffer {
+        services: vec![Service::Ssh, Service::Vnc],
+        ..agent()
+    };
+    let joined = relay.join(&token, &offer).await;
+    assert!(joined.is_ok(), "{:?}", code(&joined));
+    assert_eq!(s.lock().life.state(), SessionState::Active);
+}
+
+#[tokio::test]
+async fn a_create_whose_write_fails_leaves_nothing_behind() {
+    let store = Arc::new(GatedStore::default());
+    let (relay, _dir) = relay(store.clone());
+    store.failing.store(true, Ordering::SeqCst);
+    let created = relay
+        .store_new_session(new_session(), &[20001, 20002])
+        .await;
+    assert!(
+        matches!(created, Err(RelayError::Store(_))),
+        "{:?}",
+        created.map(|(s, _)| s.id.clone())
+    );
+    assert!(relay.sessions.list().is_empty());
+    let stored = store.list().await.unwrap_or_else(|e| unreachable!("{e}"));
+    assert!(stored.is_empty());
+}
+
+#[tokio::test]
+async fn purge_forgets_a_revoked_session_and_leaves_a_live_one() {
+    let (relay, _dir) = relay(Arc::new(MemoryStore::new()));
+    let (s, _token) = relay
+        .store_new_session(new_session(), &[20001, 20002])
+        .await
+        .unwrap_or_else(|e| unreachable!("{e}"));
+    relay.purge(&s);
+    assert!(relay.sessions.get(&s.id).is_some(), "a live session stays");
+    relay.revoke(&s, RevokeReason::Deleted);
+    relay.purge(&s);
+    assert!(relay.sessions.get(&s.id).is_none());
+    // The store forgets it too (the removal runs in the background).
+    for _ in 0..100 {
+        let stored = relay.store.get(&s.id).await;
+        if stored.unwrap_or_else(|e| unreachable!("{e}")).is_none() {
+            return;
+        }
+        tokio::task::yield_now().await;
+    }
+    unreachable!("the purged session is still stored");
 }
