@@ -13,6 +13,7 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{ensure, Context as _};
 use common::agent::Agent;
 use common::echo::{echo_on, wait_cut};
+use common::fixture::Tunnel;
 use common::relay::{Created, TestRelay};
 use common::wait_for;
 use serde_json::{json, Value};
@@ -25,10 +26,11 @@ fn session_with_visitor(
     relay: &TestRelay,
     extra: Value,
 ) -> anyhow::Result<(Created, Agent, TcpStream)> {
-    let echo = common::echo::start()?;
-    let created = relay.create_with(&["ssh"], extra)?;
-    let agent = Agent::start(relay, &created.token, &[format!("ssh=127.0.0.1:{echo}")])?;
-    agent.wait_registered()?;
+    let Tunnel {
+        session: created,
+        agent,
+        ..
+    } = Tunnel::builder().session_fields(extra).start(relay)?;
     let mut visitor = relay.connect_from(LOCALHOST, created.port("ssh"))?;
     echo_on(&mut visitor, b"hello\n").context("the visitor's first echo")?;
     wait_visitors(relay, &created.id, 1)?;

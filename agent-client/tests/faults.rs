@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure, Context as _};
 use common::agent::Agent;
+use common::fixture::Tunnel;
 use common::relay::{Created, TestRelay};
 use common::{echo, port_refuses, wait_for};
 use futures_util::{SinkExt, StreamExt};
@@ -96,14 +97,7 @@ fn failures(relay: &TestRelay, reason: &str) -> u64 {
 
 /// A session served by the real agent in front of an echo service.
 fn echo_session(relay: &TestRelay) -> anyhow::Result<(Agent, Created)> {
-    let echo_port = echo::start()?;
-    let session = relay.create(&["ssh"], None)?;
-    let agent = Agent::start(
-        relay,
-        &session.token,
-        &[format!("ssh=127.0.0.1:{echo_port}")],
-    )?;
-    agent.wait_registered()?;
+    let Tunnel { session, agent, .. } = Tunnel::start(relay)?;
     ensure!(echo::roundtrip(session.port("ssh"), b"healthy")? == b"healthy");
     Ok((agent, session))
 }
@@ -291,14 +285,7 @@ fn an_attach_for_another_sessions_connection_is_refused_and_counted() -> anyhow:
 #[test]
 fn a_replayed_join_token_is_refused_and_the_live_agent_keeps_forwarding() -> anyhow::Result<()> {
     let relay = TestRelay::start()?;
-    let echo_port = echo::start()?;
-    let session = relay.create(&["ssh"], None)?;
-    let agent = Agent::start(
-        &relay,
-        &session.token,
-        &[format!("ssh=127.0.0.1:{echo_port}")],
-    )?;
-    agent.wait_registered()?;
+    let Tunnel { session, agent, .. } = Tunnel::start(&relay)?;
     let port = session.port("ssh");
     still_forwards(port, "before the replay")?;
     let token_used0 = failures(&relay, "token_used");

@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context as _};
 use common::agent::Agent;
-use common::echo::{closed_without_data, echo_on, start_counting, Accepted};
+use common::echo::{closed_without_data, echo_on, Accepted};
+use common::fixture::Tunnel;
 use common::relay::{Created, TestRelay};
 use common::wait_for;
 use serde_json::{json, Value};
@@ -28,30 +29,25 @@ struct Guarded {
 }
 
 fn guarded(relay: &TestRelay, extra: Value) -> anyhow::Result<Guarded> {
-    let (echo, accepted) = start_counting()?;
-    let created = relay.create_with(&["ssh"], extra)?;
     let dir = tempfile::tempdir()?;
     let password = format!("pw-{}", rand::random::<u64>());
     let password_file = dir.path().join("ssh-password");
     std::fs::write(&password_file, format!("{password}\n"))?;
-    let agent = Agent::start_with_args(
-        relay,
-        &created.token,
-        &[format!("ssh=127.0.0.1:{echo}")],
-        &[
-            "--ssh-user".into(),
-            "vagrant".into(),
-            "--ssh-password-file".into(),
+    let tunnel = Tunnel::builder()
+        .session_fields(extra)
+        .args([
+            "--ssh-user".to_owned(),
+            "vagrant".to_owned(),
+            "--ssh-password-file".to_owned(),
             password_file.display().to_string(),
-        ],
-    )?;
-    agent.wait_registered()?;
-    relay.wait_state(&created.id, "active", Duration::from_secs(10))?;
+        ])
+        .start(relay)?;
+    relay.wait_state(&tunnel.session.id, "active", Duration::from_secs(10))?;
     Ok(Guarded {
-        created,
-        accepted,
+        accepted: tunnel.accepted()?.clone(),
+        created: tunnel.session,
         password,
-        _agent: agent,
+        _agent: tunnel.agent,
         _dir: dir,
     })
 }

@@ -12,6 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{ensure, Context as _};
 use common::agent::Agent;
+use common::fixture::Tunnel;
 use common::peers::sshd::{password_ssh, password_user, Sshd, SshdOptions};
 use common::peers::tools::run_with_timeout;
 use common::peers::vnc::{png_size, vncdo_capture, Xvnc};
@@ -70,25 +71,21 @@ struct ActiveSession {
 }
 
 fn active_session(relay: &TestRelay) -> anyhow::Result<ActiveSession> {
-    let echo = common::echo::start()?;
     let dir = tempfile::tempdir()?;
     let password = random_password(20);
     let password_file = write_secret_file(dir.path(), "ssh-password", &password)?;
     let key_file = write_secret_file(dir.path(), "host_ed25519.pub", HOST_KEY)?;
     let key_file_2 = write_secret_file(dir.path(), "host_ecdsa.pub", HOST_KEY_2)?;
-    let created = relay.create(&["ssh"], None)?;
     let mut flags = ssh_flags("vagrant", &password_file, &key_file);
     flags.extend([
         "--ssh-host-key-file".to_owned(),
         key_file_2.display().to_string(),
     ]);
-    let agent = Agent::start_with_args(
-        relay,
-        &created.token,
-        &[format!("ssh=127.0.0.1:{echo}")],
-        &flags,
-    )?;
-    agent.wait_registered()?;
+    let Tunnel {
+        session: created,
+        agent,
+        ..
+    } = Tunnel::builder().args(flags).start(relay)?;
     relay.wait_state(&created.id, "active", Duration::from_secs(10))?;
     Ok(ActiveSession {
         created,
@@ -527,17 +524,21 @@ fn returned_password_and_known_hosts_log_in_with_real_openssh() -> anyhow::Resul
         user: Some(user.name.clone()),
     })?;
     let relay = TestRelay::start()?;
-    let created = relay.create(&["ssh"], None)?;
-    let port = created.port("ssh");
     let dir = tempfile::tempdir()?;
     let password_file = write_secret_file(dir.path(), "ssh-password", &user.password)?;
-    let agent = Agent::start_with_args(
-        &relay,
-        &created.token,
-        &[format!("ssh=127.0.0.1:{}", sshd.port)],
-        &ssh_flags(&user.name, &password_file, &sshd.host_public_key_file()),
-    )?;
-    agent.wait_registered()?;
+    let Tunnel {
+        session: created,
+        agent,
+        ..
+    } = Tunnel::builder()
+        .forward("ssh", sshd.port)
+        .args(ssh_flags(
+            &user.name,
+            &password_file,
+            &sshd.host_public_key_file(),
+        ))
+        .start(&relay)?;
+    let port = created.port("ssh");
 
     let dev = relay.user_token("u-dev", "app-7", &["developer"])?;
     let a = relay.instructions(&created.id, Some(&dev))?;
@@ -605,10 +606,7 @@ fn returned_password_and_known_hosts_log_in_with_real_openssh() -> anyhow::Resul
 fn screenshare_instructions_work_with_a_real_vnc_client() -> anyhow::Result<()> {
     let vnc_password = random_password(8);
     let xvnc = Xvnc::start(800, 600, &vnc_password)?;
-    let echo = common::echo::start()?;
     let relay = TestRelay::start()?;
-    let created = relay.create(&["ssh", "vnc"], None)?;
-    let vnc_port = created.port("vnc");
     let dir = tempfile::tempdir()?;
     let ssh_password = random_password(20);
     let ssh_file = write_secret_file(dir.path(), "ssh-password", &ssh_password)?;
@@ -619,16 +617,15 @@ fn screenshare_instructions_work_with_a_real_vnc_client() -> anyhow::Result<()> 
         "--vnc-password-file".to_owned(),
         vnc_file.display().to_string(),
     ]);
-    let agent = Agent::start_with_args(
-        &relay,
-        &created.token,
-        &[
-            format!("ssh=127.0.0.1:{echo}"),
-            format!("vnc=127.0.0.1:{}", xvnc.port),
-        ],
-        &flags,
-    )?;
-    agent.wait_registered()?;
+    let Tunnel {
+        session: created,
+        agent,
+        ..
+    } = Tunnel::builder()
+        .forward("vnc", xvnc.port)
+        .args(flags)
+        .start(&relay)?;
+    let vnc_port = created.port("vnc");
 
     let dev = relay.user_token("u-dev", "app-7", &["developer"])?;
     let a = relay.instructions(&created.id, Some(&dev))?;

@@ -10,24 +10,25 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{ensure, Context as _};
-use common::agent::{binary, Agent};
+use common::agent::binary;
+use common::fixture::Tunnel;
 use common::peers::sshd::Sshd;
 use common::peers::tools::run_with_timeout;
 use common::relay::TestRelay;
 use common::{port_refuses, wait_for};
+use serde_json::json;
 
 #[test]
 fn finish_then_grace_then_revocation_cuts_everything() -> anyhow::Result<()> {
     let sshd = Sshd::start()?;
     let relay = TestRelay::start()?;
-    let session = relay.create(&["ssh"], Some(3))?;
+    let Tunnel {
+        session, mut agent, ..
+    } = Tunnel::builder()
+        .forward("ssh", sshd.port)
+        .session_fields(json!({ "grace_secs": 3 }))
+        .start(&relay)?;
     let port = session.port("ssh");
-    let mut agent = Agent::start(
-        &relay,
-        &session.token,
-        &[format!("ssh=127.0.0.1:{}", sshd.port)],
-    )?;
-    agent.wait_registered()?;
 
     // A live SSH session that would run for two minutes.
     let mut live = sshd.ssh("127.0.0.1", port);
@@ -100,14 +101,10 @@ fn finish_then_grace_then_revocation_cuts_everything() -> anyhow::Result<()> {
 fn delete_revokes_at_once_and_the_agent_exits_zero() -> anyhow::Result<()> {
     let sshd = Sshd::start()?;
     let relay = TestRelay::start()?;
-    let session = relay.create(&["ssh"], None)?;
+    let Tunnel {
+        session, mut agent, ..
+    } = Tunnel::builder().forward("ssh", sshd.port).start(&relay)?;
     let port = session.port("ssh");
-    let mut agent = Agent::start(
-        &relay,
-        &session.token,
-        &[format!("ssh=127.0.0.1:{}", sshd.port)],
-    )?;
-    agent.wait_registered()?;
     let mut live = sshd.ssh("127.0.0.1", port);
     let mut live = live
         .arg("echo started; sleep 120")

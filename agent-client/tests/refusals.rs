@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::{ensure, Context as _};
 use bytes::{BufMut, BytesMut};
 use common::agent::Agent;
+use common::fixture::Tunnel;
 use common::relay::TestRelay;
 use common::{echo, wait_for};
 use futures_util::{SinkExt, StreamExt};
@@ -33,15 +34,8 @@ struct Healthy {
 
 impl Healthy {
     fn start() -> anyhow::Result<Self> {
-        let echo_port = echo::start()?;
         let relay = TestRelay::start_with(|c| c.join_ttl = Duration::from_secs(3))?;
-        let session = relay.create(&["ssh"], None)?;
-        let agent = Agent::start(
-            &relay,
-            &session.token,
-            &[format!("ssh=127.0.0.1:{echo_port}")],
-        )?;
-        agent.wait_registered()?;
+        let Tunnel { session, agent, .. } = Tunnel::start(&relay)?;
         let h = Self {
             relay,
             _agent: agent,
@@ -138,9 +132,11 @@ fn bad_agents_are_refused_and_the_healthy_session_keeps_working() -> anyhow::Res
     h.check()?;
 
     // The healthy session's own token, a second time.
-    let reused = h.relay.create(&["ssh"], None)?;
-    let first = Agent::start(&h.relay, &reused.token, &["ssh=127.0.0.1:9".to_owned()])?;
-    first.wait_registered()?;
+    let Tunnel {
+        session: reused,
+        agent: _first,
+        ..
+    } = Tunnel::builder().forward("ssh", 9).start(&h.relay)?;
     let out = h.refused_agent(&reused.token, None)?;
     ensure!(out.contains("already used"), "reused token output:\n{out}");
     h.check()?;

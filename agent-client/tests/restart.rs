@@ -10,7 +10,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{ensure, Context as _};
-use common::agent::Agent;
+use common::fixture::Tunnel;
 use common::peers::sshd::Sshd;
 use common::relay_process::RelaySetup;
 use common::{port_refuses, wait_for};
@@ -21,14 +21,10 @@ fn kill9_mid_transfer_then_restart_resumes_on_the_same_port() -> anyhow::Result<
     let sshd = Sshd::start()?;
     let setup = RelaySetup::new()?;
     let mut relay = setup.start()?;
-    let (id, token, port) = setup.create_session(&relay.api, json!({}))?;
-    let agent = Agent::start_to(
-        &format!("127.0.0.1:{}", setup.agent_port),
-        &relay.pin,
-        &token,
-        &[format!("ssh=127.0.0.1:{}", sshd.port)],
-    )?;
-    agent.wait_registered()?;
+    let Tunnel { session, agent, .. } = Tunnel::builder()
+        .forward("ssh", sshd.port)
+        .start_process(&setup, &relay)?;
+    let (port, id) = (session.port("ssh"), session.id);
     let http = setup.http()?;
     let before = relay.session(&http, &id)?;
     assert_eq!(before["state"], "active");
@@ -66,14 +62,13 @@ fn deadline_passed_while_down_revokes_on_start() -> anyhow::Result<()> {
     let sshd = Sshd::start()?;
     let setup = RelaySetup::new()?;
     let mut relay = setup.start()?;
-    let (id, token, port) = setup.create_session(&relay.api, json!({"max_lifetime_secs": 3}))?;
-    let mut agent = Agent::start_to(
-        &format!("127.0.0.1:{}", setup.agent_port),
-        &relay.pin,
-        &token,
-        &[format!("ssh=127.0.0.1:{}", sshd.port)],
-    )?;
-    agent.wait_registered()?;
+    let Tunnel {
+        session, mut agent, ..
+    } = Tunnel::builder()
+        .forward("ssh", sshd.port)
+        .session_fields(json!({"max_lifetime_secs": 3}))
+        .start_process(&setup, &relay)?;
+    let (port, id) = (session.port("ssh"), session.id);
     relay.kill9()?;
     // The hard cap passes while the relay is down.
     std::thread::sleep(Duration::from_secs(4));

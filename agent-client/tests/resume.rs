@@ -9,7 +9,7 @@ mod common;
 use std::time::Duration;
 
 use anyhow::{ensure, Context as _};
-use common::agent::Agent;
+use common::fixture::Tunnel;
 use common::proxy::Proxy;
 use common::raw::{self, confirm, registered, wait_for_async, RawLink};
 use common::relay::TestRelay;
@@ -20,18 +20,10 @@ use porthole_protocol::{ErrorCode, Message, Secret};
 
 #[test]
 fn cut_link_resumes_on_the_same_port() -> anyhow::Result<()> {
-    let echo_port = echo::start()?;
     let relay = TestRelay::start()?;
     let proxy = Proxy::start(&relay.rt, relay.agent_addr())?;
-    let session = relay.create(&["ssh"], None)?;
+    let Tunnel { session, agent, .. } = Tunnel::builder().via(&proxy.addr).start(&relay)?;
     let port = session.port("ssh");
-    let agent = Agent::start_to(
-        &proxy.addr,
-        &relay.pin(),
-        &session.token,
-        &[format!("ssh=127.0.0.1:{echo_port}")],
-    )?;
-    agent.wait_registered()?;
     assert_eq!(echo::roundtrip(port, b"before")?, b"before");
 
     proxy.cut();
@@ -61,16 +53,9 @@ fn cut_link_resumes_on_the_same_port() -> anyhow::Result<()> {
 
 #[test]
 fn agent_killed_goes_disconnected_then_revoked_after_resume_window() -> anyhow::Result<()> {
-    let echo_port = echo::start()?;
     let relay = TestRelay::start_with(|c| c.resume_window = Duration::from_secs(2))?;
-    let session = relay.create(&["ssh"], None)?;
+    let Tunnel { session, agent, .. } = Tunnel::start(&relay)?;
     let port = session.port("ssh");
-    let agent = Agent::start(
-        &relay,
-        &session.token,
-        &[format!("ssh=127.0.0.1:{echo_port}")],
-    )?;
-    agent.wait_registered()?;
     assert_eq!(echo::roundtrip(port, b"hi")?, b"hi");
     drop(agent); // SIGKILL
     relay.wait_state(&session.id, "disconnected", Duration::from_secs(10))?;
@@ -89,19 +74,11 @@ fn agent_killed_goes_disconnected_then_revoked_after_resume_window() -> anyhow::
 
 #[test]
 fn a_silent_link_is_noticed_by_both_sides_and_the_agent_resumes() -> anyhow::Result<()> {
-    let echo_port = echo::start()?;
     // Heartbeats every second: both sides give up on a link silent for three of them.
     let relay = TestRelay::start()?;
     let proxy = Proxy::start(&relay.rt, relay.agent_addr())?;
-    let session = relay.create(&["ssh"], None)?;
+    let Tunnel { session, agent, .. } = Tunnel::builder().via(&proxy.addr).start(&relay)?;
     let port = session.port("ssh");
-    let agent = Agent::start_to(
-        &proxy.addr,
-        &relay.pin(),
-        &session.token,
-        &[format!("ssh=127.0.0.1:{echo_port}")],
-    )?;
-    agent.wait_registered()?;
     assert_eq!(echo::roundtrip(port, b"before")?, b"before");
 
     proxy.freeze();

@@ -22,6 +22,7 @@ use std::time::Duration;
 use anyhow::{ensure, Context as _};
 use common::agent::Agent;
 use common::echo;
+use common::fixture::Tunnel;
 use common::relay::TestRelay;
 use serde_json::json;
 use tokio::net::TcpSocket;
@@ -92,16 +93,9 @@ fn a_full_handshake_cap_does_not_hold_a_new_agent_until_the_flood_deadline() -> 
 
 #[test]
 fn a_full_handshake_cap_does_not_fail_visitors_of_a_live_session() -> anyhow::Result<()> {
-    let echo_port = echo::start()?;
     let relay = relay()?;
-    let session = relay.create(&["ssh"], None)?;
-    let agent = Agent::start(
-        &relay,
-        &session.token,
-        &[format!("ssh=127.0.0.1:{echo_port}")],
-    )?;
-    agent.wait_registered()?;
-    let port = session.port("ssh");
+    let tunnel = Tunnel::start(&relay)?;
+    let port = tunnel.port("ssh");
     ensure!(echo::roundtrip(port, b"before")? == b"before");
     let silent = flood(&relay)?;
     // Each visitor makes the agent dial a data connection, itself a new handshake.
@@ -124,7 +118,6 @@ const BURST: usize = 200;
 #[test]
 fn a_burst_of_admitted_visitors_is_not_refused_by_the_per_address_handshake_cap(
 ) -> anyhow::Result<()> {
-    let echo_port = echo::start()?;
     // Every visitor comes from 127.0.0.1: lift the per-source limits, this test is about the
     // agent's data connections.
     let relay = TestRelay::start_with(|c| {
@@ -132,14 +125,10 @@ fn a_burst_of_admitted_visitors_is_not_refused_by_the_per_address_handshake_cap(
         c.visitor_rate_per_minute = 10_000;
         c.max_visitors_per_source = 1000;
     })?;
-    let session = relay.create_with(&["ssh"], json!({ "max_visitors": 1000 }))?;
-    let agent = Agent::start(
-        &relay,
-        &session.token,
-        &[format!("ssh=127.0.0.1:{echo_port}")],
-    )?;
-    agent.wait_registered()?;
-    let port = session.port("ssh");
+    let tunnel = Tunnel::builder()
+        .session_fields(json!({ "max_visitors": 1000 }))
+        .start(&relay)?;
+    let port = tunnel.port("ssh");
     let start = std::sync::Arc::new(std::sync::Barrier::new(BURST));
     let visitors: Vec<_> = (0..BURST)
         .map(|i| {

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context as _};
 use common::agent::Agent;
+use common::fixture::Tunnel;
 use common::peers::sshd::Sshd;
 use common::relay_process::RelaySetup;
 use common::{echo, wait_for};
@@ -23,15 +24,10 @@ fn sigterm_drains_exits_zero_and_the_agent_comes_back() -> anyhow::Result<()> {
     let sshd = Sshd::start()?;
     let setup = RelaySetup::new()?;
     let mut relay = setup.start_with(&["--shutdown-grace", "3s"])?;
-    let (id, token, port) = setup.create_session(&relay.api, json!({}))?;
-    let agent_addr = format!("127.0.0.1:{}", setup.agent_port);
-    let agent = Agent::start_to(
-        &agent_addr,
-        &relay.pin,
-        &token,
-        &[format!("ssh=127.0.0.1:{}", sshd.port)],
-    )?;
-    agent.wait_registered()?;
+    let Tunnel { session, agent, .. } = Tunnel::builder()
+        .forward("ssh", sshd.port)
+        .start_process(&setup, &relay)?;
+    let (port, id) = (session.port("ssh"), session.id);
     let http = setup.http()?;
     let before = relay.session(&http, &id)?;
 
@@ -77,19 +73,13 @@ fn sigterm_drains_exits_zero_and_the_agent_comes_back() -> anyhow::Result<()> {
 
 #[test]
 fn sighup_reloads_the_certificate_for_new_connections_only() -> anyhow::Result<()> {
-    let echo_port = echo::start()?;
     let setup = RelaySetup::new()?;
     let relay = setup.start()?;
     let agent_addr = format!("127.0.0.1:{}", setup.agent_port);
     let old_pin = relay.pin.clone();
-    let (_, token, port) = setup.create_session(&relay.api, json!({}))?;
-    let first = Agent::start_to(
-        &agent_addr,
-        &old_pin,
-        &token,
-        &[format!("ssh=127.0.0.1:{echo_port}")],
-    )?;
-    first.wait_registered()?;
+    let tunnel = Tunnel::builder().start_process(&setup, &relay)?;
+    let (echo_port, port) = (tunnel.echo_port()?, tunnel.port("ssh"));
+    let first = &tunnel.agent;
 
     // Rotate: a new certificate and key in place of the self-signed ones, then SIGHUP.
     let fresh = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])?;

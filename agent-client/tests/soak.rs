@@ -14,7 +14,7 @@ use std::net::{IpAddr, Ipv4Addr, TcpStream};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context as _};
-use common::agent::Agent;
+use common::fixture::Tunnel;
 use common::relay::TestRelay;
 use common::{echo, open_fds, raise_nofile, vm_rss_kib, wait_fds_back};
 use serde_json::json;
@@ -93,21 +93,16 @@ fn ten_thousand_cycles_and_a_thousand_concurrent_visitors_leak_no_fds() -> anyho
          raise it, e.g. `ulimit -n {needed}`, before running the soak",
         common::nofile_limits(None)?.1
     );
-    let echo_port = echo::start()?;
     let relay = TestRelay::start_with(|c| {
         c.visitor_rate_burst = 1_000_000;
         c.visitor_rate_per_minute = 1_000_000;
         c.max_visitors_per_source = CONCURRENT;
     })?;
-    let session = relay.create_with(&["ssh"], json!({ "max_visitors": CONCURRENT }))?;
-    let port = session.port("ssh");
-    let agent = Agent::start(
-        &relay,
-        &session.token,
-        &[format!("ssh=127.0.0.1:{echo_port}")],
-    )?;
-    agent.wait_registered()?;
-    let agent_pid = Some(agent.pid());
+    let tunnel = Tunnel::builder()
+        .session_fields(json!({ "max_visitors": CONCURRENT }))
+        .start(&relay)?;
+    let port = tunnel.port("ssh");
+    let agent_pid = Some(tunnel.agent.pid());
     let agent_needed = (CONCURRENT * 2 + 512) as u64;
     let agent_soft = raise_nofile(agent_pid, agent_needed)?;
     ensure!(

@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use anyhow::{ensure, Context as _};
-use common::agent::Agent;
+use common::fixture::Tunnel;
 use common::peers::sshd::Sshd;
 use common::peers::tools::{run_with_input, run_with_timeout};
 use common::peers::{sha256_file, write_random_file};
@@ -21,13 +21,8 @@ const BIG: usize = 64 * 1024 * 1024;
 fn ssh_runs_commands_and_moves_64_mib_each_way() -> anyhow::Result<()> {
     let sshd = Sshd::start()?;
     let relay = TestRelay::start()?;
-    let session = relay.create(&["ssh"], None)?;
-    let agent = Agent::start(
-        &relay,
-        &session.token,
-        &[format!("ssh=127.0.0.1:{}", sshd.port)],
-    )?;
-    agent.wait_registered()?;
+    let Tunnel { session, agent, .. } =
+        Tunnel::builder().forward("ssh", sshd.port).start(&relay)?;
     let port = session.port("ssh");
     ensure!(
         agent.output().contains(&format!("127.0.0.1:{port}")),
@@ -84,13 +79,8 @@ fn ssh_runs_commands_and_moves_64_mib_each_way() -> anyhow::Result<()> {
 fn idle_ssh_connection_stays_open() -> anyhow::Result<()> {
     let sshd = Sshd::start()?;
     let relay = TestRelay::start()?;
-    let session = relay.create(&["ssh"], None)?;
-    let agent = Agent::start(
-        &relay,
-        &session.token,
-        &[format!("ssh=127.0.0.1:{}", sshd.port)],
-    )?;
-    agent.wait_registered()?;
+    let tunnel = Tunnel::builder().forward("ssh", sshd.port).start(&relay)?;
+    let session = &tunnel.session;
     // Silent for several relay heartbeat intervals (1 s in tests): the visitor stays connected.
     let out = run_with_timeout(
         sshd.ssh("127.0.0.1", session.port("ssh"))
@@ -116,13 +106,8 @@ fn ssh_over_the_tcp_data_plane_with_splice() -> anyhow::Result<()> {
         relay.handle.relay.data_port.get().is_some(),
         "the data port is bound"
     );
-    let session = relay.create(&["ssh"], None)?;
-    let agent = Agent::start(
-        &relay,
-        &session.token,
-        &[format!("ssh=127.0.0.1:{}", sshd.port)],
-    )?;
-    agent.wait_registered()?;
+    let tunnel = Tunnel::builder().forward("ssh", sshd.port).start(&relay)?;
+    let session = &tunnel.session;
     let port = session.port("ssh");
     let out = run_with_timeout(
         sshd.ssh("127.0.0.1", port).arg("echo over tcp"),

@@ -14,8 +14,8 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use anyhow::{ensure, Context as _};
-use common::agent::Agent;
 use common::echo::{closed_without_data, echo_on, wait_cut};
+use common::fixture::Tunnel;
 use common::peers::sshd::Sshd;
 use common::peers::tools::run_with_timeout;
 use common::relay::TestRelay;
@@ -38,19 +38,13 @@ fn read_announcement(s: &mut std::net::TcpStream) -> anyhow::Result<()> {
 #[test]
 fn idle_vnc_connections_do_not_keep_a_real_ssh_user_out() -> anyhow::Result<()> {
     let sshd = Sshd::start()?;
-    let echo = common::echo::start()?;
     // Long handshake timeout: the idle connections are all still pending while ssh logs in.
     let relay = TestRelay::start_with(|c| c.visitor_handshake_timeout = Duration::from_secs(120))?;
-    let session = relay.create(&["ssh", "vnc"], None)?;
-    let agent = Agent::start(
-        &relay,
-        &session.token,
-        &[
-            format!("ssh=127.0.0.1:{}", sshd.port),
-            format!("vnc=127.0.0.1:{echo}"),
-        ],
-    )?;
-    agent.wait_registered()?;
+    let tunnel = Tunnel::builder()
+        .forward("ssh", sshd.port)
+        .service("vnc")
+        .start(&relay)?;
+    let session = &tunnel.session;
     let vnc = session.port("vnc");
     let mut idle = Vec::new();
     for i in 2..=17u8 {
@@ -81,18 +75,9 @@ fn idle_vnc_connections_do_not_keep_a_real_ssh_user_out() -> anyhow::Result<()> 
 
 #[test]
 fn a_visitor_that_never_completes_its_opening_is_closed() -> anyhow::Result<()> {
-    let echo = common::echo::start()?;
     let relay = TestRelay::start_with(|c| c.visitor_handshake_timeout = Duration::from_secs(1))?;
-    let session = relay.create(&["ssh", "vnc"], None)?;
-    let agent = Agent::start(
-        &relay,
-        &session.token,
-        &[
-            format!("ssh=127.0.0.1:{echo}"),
-            format!("vnc=127.0.0.1:{echo}"),
-        ],
-    )?;
-    agent.wait_registered()?;
+    let tunnel = Tunnel::builder().service("vnc").start(&relay)?;
+    let session = &tunnel.session;
     let mut vnc = relay.connect_silent_from(ip(127, 0, 0, 1), session.port("vnc"))?;
     vnc.set_read_timeout(Some(Duration::from_secs(30)))?;
     read_announcement(&mut vnc)?;
@@ -134,12 +119,10 @@ fn a_visitor_that_never_completes_its_opening_is_closed() -> anyhow::Result<()> 
 
 #[test]
 fn one_source_holds_at_most_max_visitors_per_source() -> anyhow::Result<()> {
-    let (echo, accepted) = common::echo::start_counting()?;
     let relay = TestRelay::start_with(|c| c.max_visitors_per_source = 4)?;
-    let session = relay.create(&["ssh"], None)?;
-    let agent = Agent::start(&relay, &session.token, &[format!("ssh=127.0.0.1:{echo}")])?;
-    agent.wait_registered()?;
-    let port = session.port("ssh");
+    let tunnel = Tunnel::start(&relay)?;
+    let accepted = tunnel.accepted()?;
+    let port = tunnel.port("ssh");
     let mut held = Vec::new();
     for i in 1..=4 {
         let mut s = relay.connect_from(ip(127, 0, 0, 1), port)?;
@@ -174,16 +157,13 @@ fn one_source_holds_at_most_max_visitors_per_source() -> anyhow::Result<()> {
 
 #[test]
 fn a_stranger_that_never_logs_in_cannot_hold_a_finished_session() -> anyhow::Result<()> {
-    let echo = common::echo::start()?;
     // A visitor holds the session only after 10 minutes here (or when the agent's embedded
     // SSH server reports it logged in): the stranger below never gets there.
     let relay = TestRelay::start_with(|c| c.extend_min_visitor_age = Duration::from_secs(600))?;
-    let session = relay.create_with(
-        &["ssh"],
-        json!({ "grace_secs": 2, "extend_while_connected": true }),
-    )?;
-    let agent = Agent::start(&relay, &session.token, &[format!("ssh=127.0.0.1:{echo}")])?;
-    agent.wait_registered()?;
+    let tunnel = Tunnel::builder()
+        .session_fields(json!({ "grace_secs": 2, "extend_while_connected": true }))
+        .start(&relay)?;
+    let session = &tunnel.session;
     // The stranger sends an SSH identification line and nothing more.
     let mut stranger = relay.connect_from(ip(127, 0, 0, 3), session.port("ssh"))?;
     wait_for(

@@ -5,7 +5,7 @@
 mod common;
 
 use anyhow::ensure;
-use common::agent::Agent;
+use common::fixture::Tunnel;
 use common::peers::sshd::Sshd;
 use common::peers::vnc::{png_size, vncdo_capture, Xvnc};
 use common::relay::TestRelay;
@@ -15,16 +15,11 @@ fn vnc_screen_capture_through_the_relay_has_the_server_geometry() -> anyhow::Res
     let xvnc = Xvnc::start(1024, 768, "s3cret-vnc")?;
     let sshd = Sshd::start()?;
     let relay = TestRelay::start()?;
-    let session = relay.create(&["ssh", "vnc"], None)?;
-    let agent = Agent::start(
-        &relay,
-        &session.token,
-        &[
-            format!("ssh=127.0.0.1:{}", sshd.port),
-            format!("vnc=127.0.0.1:{}", xvnc.port),
-        ],
-    )?;
-    agent.wait_registered()?;
+    let tunnel = Tunnel::builder()
+        .forward("ssh", sshd.port)
+        .forward("vnc", xvnc.port)
+        .start(&relay)?;
+    let session = &tunnel.session;
     let vnc_port = session.port("vnc");
     ensure!(
         vnc_port != session.port("ssh") && vnc_port != 0,

@@ -10,8 +10,8 @@ mod common;
 use std::time::Duration;
 
 use anyhow::ensure;
-use common::agent::Agent;
 use common::echo;
+use common::fixture::Tunnel;
 use common::proxy::Proxy;
 use common::relay::TestRelay;
 use common::wait_for;
@@ -41,21 +41,6 @@ fn wait_parked(relay: &TestRelay, n: i64) -> anyhow::Result<()> {
     .map_err(|e| anyhow::anyhow!("{e:#} (parked now: {})", parked(relay)))
 }
 
-/// A session on `relay` whose agent (with `extra` flags) forwards to a fresh echo service;
-/// returns the public port and the agent.
-fn session_with_agent(relay: &TestRelay, extra: &[String]) -> anyhow::Result<(u16, Agent)> {
-    let echo_port = echo::start()?;
-    let session = relay.create(&["ssh"], None)?;
-    let agent = Agent::start_with_args(
-        relay,
-        &session.token,
-        &[format!("ssh=127.0.0.1:{echo_port}")],
-        extra,
-    )?;
-    agent.wait_registered()?;
-    Ok((session.port("ssh"), agent))
-}
-
 #[test]
 fn visitors_are_paired_with_warm_connections_and_the_pool_refills() -> anyhow::Result<()> {
     // The burst below comes from one address: lift the per-source limits.
@@ -63,7 +48,8 @@ fn visitors_are_paired_with_warm_connections_and_the_pool_refills() -> anyhow::R
         c.visitor_rate_burst = 100;
         c.max_visitors_per_source = 100;
     })?;
-    let (port, _agent) = session_with_agent(&relay, &[])?;
+    let tunnel = Tunnel::start(&relay)?;
+    let port = tunnel.port("ssh");
     wait_parked(&relay, 2)?;
 
     // One visitor: paired with a parked connection, bytes both ways.
@@ -110,23 +96,17 @@ fn visitors_are_paired_with_warm_connections_and_the_pool_refills() -> anyhow::R
 
 #[test]
 fn warm_connections_follow_the_control_link_across_a_cut() -> anyhow::Result<()> {
-    let echo_port = echo::start()?;
     let relay = TestRelay::start()?;
     let proxy = Proxy::start(&relay.rt, relay.agent_addr())?;
-    let session = relay.create(&["ssh"], None)?;
-    let port = session.port("ssh");
-    let agent = Agent::start_to(
-        &proxy.addr,
-        &relay.pin(),
-        &session.token,
-        &[format!("ssh=127.0.0.1:{echo_port}")],
-    )?;
-    agent.wait_registered()?;
+    let tunnel = Tunnel::builder().via(&proxy.addr).start(&relay)?;
+    let port = tunnel.port("ssh");
     wait_parked(&relay, 2)?;
 
     proxy.cut();
-    agent.wait_line("resumed session", Duration::from_secs(20))?;
-    relay.wait_state(&session.id, "active", Duration::from_secs(10))?;
+    tunnel
+        .agent
+        .wait_line("resumed session", Duration::from_secs(20))?;
+    relay.wait_state(&tunnel.session.id, "active", Duration::from_secs(10))?;
     // The old link's connections are gone; the new link parks its own.
     wait_parked(&relay, 2)?;
     let warm_before = paired(&relay, "warm");
@@ -152,7 +132,8 @@ fn the_tcp_data_plane_has_no_warm_connections() -> anyhow::Result<()> {
         c.data_plane = porthole_protocol::DataPlane::Tcp;
         c.data_listen = "127.0.0.1:0".parse().unwrap_or(c.data_listen);
     })?;
-    let (port, _agent) = session_with_agent(&relay, &[])?;
+    let tunnel = Tunnel::start(&relay)?;
+    let port = tunnel.port("ssh");
     let big = vec![7u8; 1 << 20];
     assert_eq!(echo::roundtrip(port, &big)?, big);
     assert_eq!(paired(&relay, "warm"), 0);
@@ -165,7 +146,10 @@ fn the_tcp_data_plane_has_no_warm_connections() -> anyhow::Result<()> {
 #[test]
 fn zero_warm_connections_turns_them_off() -> anyhow::Result<()> {
     let relay = TestRelay::start()?;
-    let (port, _agent) = session_with_agent(&relay, &["--warm-connections".into(), "0".into()])?;
+    let tunnel = Tunnel::builder()
+        .args(["--warm-connections", "0"])
+        .start(&relay)?;
+    let port = tunnel.port("ssh");
     for i in 0..3 {
         let msg = format!("cold {i}");
         assert_eq!(echo::roundtrip(port, msg.as_bytes())?, msg.as_bytes());
@@ -179,7 +163,10 @@ fn zero_warm_connections_turns_them_off() -> anyhow::Result<()> {
 #[test]
 fn idle_warm_connections_are_retired_and_replaced() -> anyhow::Result<()> {
     let relay = TestRelay::start()?;
-    let (port, _agent) = session_with_agent(&relay, &["--warm-idle".into(), "1s".into()])?;
+    let tunnel = Tunnel::builder()
+        .args(["--warm-idle", "1s"])
+        .start(&relay)?;
+    let port = tunnel.port("ssh");
     wait_parked(&relay, 2)?;
     // Each park takes a fresh id from the session's counter: count them across idle time.
     let ids = || -> anyhow::Result<u64> {
