@@ -174,10 +174,22 @@ mod tests {
         )
     }
 
+    /// The first port of 20 consecutive ports that are free on loopback right now: other
+    /// test binaries and relays on a busy machine hold ports too, and a test that asserts
+    /// exhaustion must not meet one of theirs.
     fn range_base() -> u16 {
-        // Spread test ranges so parallel test binaries rarely meet; collisions only make
-        // ports skip, which the pool handles.
-        21000 + (std::process::id() % 400) as u16 * 20
+        let pid = std::process::id();
+        for attempt in 0..2000u32 {
+            let base =
+                20000 + ((pid.wrapping_mul(7919).wrapping_add(attempt * 97)) % 2000) as u16 * 20;
+            let held: Vec<_> = (base..base + 20)
+                .map_while(|p| std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, p)).ok())
+                .collect();
+            if held.len() == 20 {
+                return base;
+            }
+        }
+        unreachable!("no 20 consecutive free ports on loopback between 20000 and 60000")
     }
 
     #[tokio::test]
