@@ -32,6 +32,7 @@ declare -A APT_FOR=(
   [ss]=iproute2
   [shellcheck]=shellcheck   # the CI examples' scripts (agent-client/tests/examples.rs)
   [cc]=gcc                  # build scripts of C-backed crates (ring)
+  [c++]=g++                 # libFuzzer, built by the fuzz targets' check below
 )
 
 missing_pkgs=()
@@ -163,5 +164,9 @@ if [ "$e2e_user_existed" -eq 0 ] && id "$e2e_user" >/dev/null 2>&1; then
   ${SUDO[@]+"${SUDO[@]}"} userdel --remove "$e2e_user" 2>/dev/null \
     || echo "WARNING: could not remove the test account $e2e_user (userdel --remove $e2e_user)" >&2
 fi
-section "done (cargo test exit status $status)"
+# The fuzz targets live in a workspace of their own (cargo-fuzz builds them with sanitizer
+# flags); checking them here keeps them compiling as the relay changes.
+section "cargo check --manifest-path fuzz/Cargo.toml --locked"
+cargo check --manifest-path fuzz/Cargo.toml --locked --target-dir target/fuzz-check || status=$?
+section "done (exit status $status)"
 exit "$status"
