@@ -19,23 +19,74 @@ pub fn post_json(
     body: &Value,
 ) -> anyhow::Result<(u16, Value)> {
     let body = serde_json::to_vec(body)?;
-    let mut s = TcpStream::connect_timeout(&addr, TIMEOUT)
+    let raw = request(addr, "POST", path, Some(bearer), Some(&body), TIMEOUT)?;
+    parse_response(&raw)
+}
+
+/// `GET path` (with a bearer token when given); returns the status and the JSON answer.
+pub fn get_json(
+    addr: SocketAddr,
+    path: &str,
+    bearer: Option<&str>,
+    timeout: Duration,
+) -> anyhow::Result<(u16, Value)> {
+    let raw = request(addr, "GET", path, bearer, None, timeout)?;
+    parse_response(&raw)
+}
+
+/// `GET path` without a token; returns the status and the body as text (`/metrics`).
+pub fn get_text(addr: SocketAddr, path: &str, timeout: Duration) -> anyhow::Result<(u16, String)> {
+    let raw = request(addr, "GET", path, None, None, timeout)?;
+    let (status, body) = split_response(&raw)?;
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// One request on a fresh connection (`Connection: close`); returns the raw answer.
+fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    bearer: Option<&str>,
+    body: Option<&[u8]>,
+    timeout: Duration,
+) -> anyhow::Result<Vec<u8>> {
+    let mut s = TcpStream::connect_timeout(&addr, timeout)
         .with_context(|| format!("connecting to the API at {addr}"))?;
-    s.set_read_timeout(Some(TIMEOUT))?;
-    let head = format!(
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {bearer}\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\n");
+    if let Some(token) = bearer {
+        head.push_str(&format!("Authorization: Bearer {token}\r\n"));
+    }
+    if let Some(body) = body {
+        head.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
+    }
+    head.push_str("Connection: close\r\n\r\n");
     s.write_all(head.as_bytes())?;
-    s.write_all(&body)?;
+    if let Some(body) = body {
+        s.write_all(body)?;
+    }
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).context("reading the API answer")?;
-    parse_response(&raw)
+    Ok(raw)
 }
 
 /// Splits a whole HTTP/1.1 response into its status and JSON body (chunked or not).
 fn parse_response(raw: &[u8]) -> anyhow::Result<(u16, Value)> {
+    let (status, body) = split_response(raw)?;
+    let json = if body.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&body).context("API answer is not JSON")?
+    };
+    Ok((status, json))
+}
+
+/// Splits a whole HTTP/1.1 response into its status and body (de-chunked).
+fn split_response(raw: &[u8]) -> anyhow::Result<(u16, Vec<u8>)> {
     let split = raw
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
@@ -50,12 +101,7 @@ fn parse_response(raw: &[u8]) -> anyhow::Result<(u16, Value)> {
     if head.contains("transfer-encoding: chunked") {
         body = dechunk(&body)?;
     }
-    let json = if body.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_slice(&body).context("API answer is not JSON")?
-    };
-    Ok((status, json))
+    Ok((status, body))
 }
 
 fn dechunk(mut data: &[u8]) -> anyhow::Result<Vec<u8>> {

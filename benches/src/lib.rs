@@ -15,6 +15,8 @@
 //! - [`suite`]: the steps run against one candidate and what they record.
 //! - [`run`]: the candidates and the loop over them.
 //! - [`report`]: metrics, text tables, ratios, the JSON document.
+//! - [`restart`]: the `restart` mode: time until N live sessions are active again after a
+//!   relay restart (graceful and crash).
 //! - [`svg`]: the bar chart.
 
 pub mod bulk;
@@ -24,6 +26,7 @@ pub mod peers;
 pub mod porthole;
 pub mod procfs;
 pub mod report;
+pub mod restart;
 pub mod run;
 pub mod stats;
 pub mod suite;

@@ -1,14 +1,16 @@
 //! `porthole-bench`: parses flags, prepares the machine (open-file limit, release binaries),
-//! runs every candidate, and writes the table, JSON and SVG.
+//! runs every candidate, and writes the table, JSON and SVG; `porthole-bench restart`
+//! measures relay restarts instead.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use porthole_bench::procfs::{raise_nofile, Machine};
 use porthole_bench::report::{self, Report};
+use porthole_bench::restart::{self, RestartArgs, RestartReport, RestartSetup};
 use porthole_bench::run::{run_all, RunOptions};
 use porthole_bench::suite::SuiteOptions;
 use porthole_bench::target::Target;
@@ -20,6 +22,9 @@ const FD_MARGIN: u64 = 256;
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Cli {
+    /// Another measurement instead of the candidates' suite.
+    #[command(subcommand)]
+    mode: Option<Mode>,
     /// Length of each timed step (bulk each way, ping-pong, connects, loaded ping-pong).
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     duration: Duration,
@@ -44,23 +49,31 @@ struct Cli {
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Write the results as JSON here.
-    #[arg(long)]
+    #[arg(long, global = true)]
     json: Option<PathBuf>,
     /// Write a bar chart here.
     #[arg(long)]
     svg: Option<PathBuf>,
     /// Where `porthole-relay` and `porthole-agent` are [default: beside this binary].
-    #[arg(long)]
+    #[arg(long, global = true)]
     bin_dir: Option<PathBuf>,
-    /// Do not run `cargo build` for the relay and agent first.
-    #[arg(long)]
+    /// Do not run `cargo build` for the relay and agent first (`restart` with --bin-dir
+    /// never builds).
+    #[arg(long, global = true)]
     no_build: bool,
     /// `cargo install --root` for the peers [default: target/bench-peers].
     #[arg(long)]
     peers_dir: Option<PathBuf>,
     /// Scratch directory for configs and logs [default: target/bench-work].
-    #[arg(long)]
+    #[arg(long, global = true)]
     work_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Mode {
+    /// How long after a relay restart (graceful SIGTERM and crash SIGKILL, interleaved) until
+    /// N live sessions, whose agents all resume, are active again.
+    Restart(RestartArgs),
 }
 
 fn workspace_root() -> PathBuf {
@@ -137,6 +150,68 @@ fn revision(root: &Path) -> String {
     }
 }
 
+/// The command line as run, for the JSON.
+fn command_line() -> String {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    format!(
+        "cargo run --release -p porthole-bench -- {}",
+        args.join(" ")
+    )
+}
+
+/// `porthole-bench restart`: the binaries from --bin-dir (built here only without it), the
+/// table to stdout, the JSON with --json; fails when the run did not complete.
+fn run_restart(cli: &Cli, args: &RestartArgs, root: &Path, exe_dir: PathBuf) -> anyhow::Result<()> {
+    let bin_dir = match &cli.bin_dir {
+        Some(dir) => dir.clone(),
+        None => {
+            if !cli.no_build {
+                build_porthole(&exe_dir)?;
+            }
+            exe_dir
+        }
+    };
+    restart::stop_on_signals()?;
+    let machine = Machine::detect();
+    let setup = RestartSetup {
+        bin_dir: bin_dir.clone(),
+        work: cli
+            .work_dir
+            .clone()
+            .unwrap_or_else(|| root.join("target/bench-work"))
+            .join("restart"),
+    };
+    eprintln!(
+        "== restart: binaries from {} ({}); logs in {}",
+        bin_dir.display(),
+        revision(&bin_dir),
+        setup.work.display()
+    );
+    let target = Target::start()?;
+    let outcome = restart::run(args, &setup, target.addr);
+    let options = restart::RestartOptions::from(args);
+    println!("{}", restart::table(&outcome, &options));
+    let error = outcome.error.clone();
+    let report = RestartReport {
+        machine,
+        revision: revision(root),
+        binaries_revision: revision(&bin_dir),
+        bin_dir,
+        command: command_line(),
+        options,
+        agent_backoff: restart::BackoffFacts::default(),
+        outcome,
+    };
+    if let Some(path) = &cli.json {
+        let text = serde_json::to_string_pretty(&report)?;
+        std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
+    }
+    match error {
+        Some(e) => bail!("restart measurement failed: {e}"),
+        None => Ok(()),
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let root = workspace_root();
@@ -144,6 +219,9 @@ fn main() -> anyhow::Result<()> {
         .parent()
         .map(Path::to_path_buf)
         .context("locating this binary's directory")?;
+    if let Some(Mode::Restart(args)) = &cli.mode {
+        return run_restart(&cli, args, &root, exe_dir);
+    }
     let bin_dir = cli.bin_dir.clone().unwrap_or(exe_dir);
     if !cli.no_build {
         build_porthole(&bin_dir)?;
@@ -190,14 +268,10 @@ fn main() -> anyhow::Result<()> {
         std::fs::write(path, porthole_bench::svg::render(&candidates, &machine))
             .with_context(|| format!("writing {}", path.display()))?;
     }
-    let args: Vec<String> = std::env::args().skip(1).collect();
     let report = Report {
         machine,
         revision: revision(&root),
-        command: format!(
-            "cargo run --release -p porthole-bench -- {}",
-            args.join(" ")
-        ),
+        command: command_line(),
         options: opts.suite,
         candidates,
         ratios,

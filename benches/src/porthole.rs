@@ -19,8 +19,9 @@ const VISITOR_MARGIN: usize = 64;
 /// The relay's largest `--max-visitors`.
 const MAX_VISITORS: usize = 1024;
 /// Per-source-IP rate limits, raised so the harness (one source IP) is never throttled.
-const RATE_BURST: &str = "1000000";
-const RATE_PER_MINUTE: &str = "100000000";
+pub(crate) const RATE_BURST: &str = "1000000";
+/// See [`RATE_BURST`].
+pub(crate) const RATE_PER_MINUTE: &str = "100000000";
 
 /// Where the relay and agent binaries are, and where their files go.
 #[derive(Clone, Debug)]
@@ -37,11 +38,42 @@ pub struct PortholeSetup {
 
 /// What the relay printed at start.
 #[derive(Debug, PartialEq, Eq)]
-struct Banner {
-    agent: String,
-    api: SocketAddr,
-    fingerprint: String,
-    admin_token_path: PathBuf,
+pub(crate) struct Banner {
+    /// The agent endpoint (`HOST:PORT`).
+    pub agent: String,
+    /// The HTTP API.
+    pub api: SocketAddr,
+    /// SHA-256 of the relay's self-signed certificate (agents pin it).
+    pub fingerprint: String,
+    /// The admin token file.
+    pub admin_token_path: PathBuf,
+}
+
+/// Where the relay listens: `127.0.0.1:0` addresses for a one-off relay, fixed ones for a
+/// relay that is restarted and must come back where its agents and sessions expect it.
+#[derive(Clone, Debug)]
+pub(crate) struct RelayAddrs {
+    /// `--agent-listen`.
+    pub agent: SocketAddr,
+    /// `--api-listen`.
+    pub api: SocketAddr,
+    /// `--data-listen` (used by the `tcp` data plane only).
+    pub data: SocketAddr,
+    /// `--port-range` (`LO-HI`).
+    pub port_range: String,
+}
+
+impl RelayAddrs {
+    /// Ports the kernel picks, and 16 public ports varied per run.
+    fn ephemeral() -> Self {
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        Self {
+            agent: any,
+            api: any,
+            data: any,
+            port_range: port_range(),
+        }
+    }
 }
 
 /// Starts relay and agent for `target` and waits until a visitor gets an echo back.
@@ -55,6 +87,7 @@ pub fn start(setup: &PortholeSetup, target: SocketAddr) -> anyhow::Result<Tunnel
         relay_command(
             &relay_bin,
             &data,
+            &RelayAddrs::ephemeral(),
             (setup.idle_conns + VISITOR_MARGIN).min(MAX_VISITORS),
             setup.data_plane,
         ),
@@ -66,20 +99,15 @@ pub fn start(setup: &PortholeSetup, target: SocketAddr) -> anyhow::Result<Tunnel
     let banner = parse_banner(&text)?;
     let token = std::fs::read_to_string(&banner.admin_token_path)
         .with_context(|| format!("reading {}", banner.admin_token_path.display()))?;
-    let (join_token, port) = create_session(banner.api, token.trim())?;
-    let mut agent_cmd = Command::new(&agent_bin);
-    agent_cmd
-        .args([
-            "--relay",
-            &banner.agent,
-            "--pin-sha256",
-            &banner.fingerprint,
-        ])
-        .args(["--service", &format!("ssh={target}")])
-        .args(["--ssh-user", "bench"])
-        .arg("--pid-file")
-        .arg(setup.work.join("agent.pid"))
-        .env("PORTHOLE_TOKEN", join_token);
+    let created = create_session(banner.api, token.trim())?;
+    let agent_cmd = agent_command(
+        &agent_bin,
+        &banner,
+        target,
+        &setup.work.join("agent.pid"),
+        &created.join_token,
+    );
+    let port = created.port;
     let mut agent = Proc::spawn(Role::Client, agent_cmd, &setup.work.join("agent.log"))?;
     agent
         .wait_log(&["remote access session"])
@@ -92,7 +120,8 @@ pub fn start(setup: &PortholeSetup, target: SocketAddr) -> anyhow::Result<Tunnel
     Ok(tunnel)
 }
 
-fn binary(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
+/// `dir/name`, or an error saying how to build it.
+pub(crate) fn binary(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
     let path = dir.join(name);
     if !path.is_file() {
         bail!(
@@ -104,22 +133,49 @@ fn binary(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
 }
 
 /// The relay's command line; `max_visitors` becomes the default of every session.
-fn relay_command(bin: &Path, data: &Path, max_visitors: usize, data_plane: &str) -> Command {
+pub(crate) fn relay_command(
+    bin: &Path,
+    data: &Path,
+    addrs: &RelayAddrs,
+    max_visitors: usize,
+    data_plane: &str,
+) -> Command {
     let mut cmd = Command::new(bin);
     cmd.arg("--data-dir")
         .arg(data)
-        .args([
-            "--agent-listen",
-            "127.0.0.1:0",
-            "--api-listen",
-            "127.0.0.1:0",
-        ])
+        .args(["--agent-listen", &addrs.agent.to_string()])
+        .args(["--api-listen", &addrs.api.to_string()])
         .args(["--public-host", "127.0.0.1", "--public-bind", "127.0.0.1"])
-        .args(["--port-range", &port_range()])
+        .args(["--port-range", &addrs.port_range])
         .args(["--max-visitors", &max_visitors.to_string()])
         .args(["--visitor-rate-burst", RATE_BURST])
         .args(["--visitor-rate-per-minute", RATE_PER_MINUTE])
-        .args(["--data-plane", data_plane, "--data-listen", "127.0.0.1:0"]);
+        .args(["--data-plane", data_plane])
+        .args(["--data-listen", &addrs.data.to_string()]);
+    cmd
+}
+
+/// The agent's command line: one `ssh` service forwarding to `target`, the relay's
+/// self-signed certificate pinned, the join token in `PORTHOLE_TOKEN` (out of `ps`).
+pub(crate) fn agent_command(
+    bin: &Path,
+    banner: &Banner,
+    target: SocketAddr,
+    pid_file: &Path,
+    join_token: &str,
+) -> Command {
+    let mut cmd = Command::new(bin);
+    cmd.args([
+        "--relay",
+        &banner.agent,
+        "--pin-sha256",
+        &banner.fingerprint,
+    ])
+    .args(["--service", &format!("ssh={target}")])
+    .args(["--ssh-user", "bench"])
+    .arg("--pid-file")
+    .arg(pid_file)
+    .env("PORTHOLE_TOKEN", join_token);
     cmd
 }
 
@@ -132,7 +188,8 @@ fn port_range() -> String {
     format!("{lo}-{}", lo + 15)
 }
 
-fn parse_banner(text: &str) -> anyhow::Result<Banner> {
+/// Reads the agent endpoint, API, fingerprint and admin token path from the relay's banner.
+pub(crate) fn parse_banner(text: &str) -> anyhow::Result<Banner> {
     let field = |label: &str| -> anyhow::Result<String> {
         let line = text
             .lines()
@@ -157,8 +214,19 @@ fn parse_banner(text: &str) -> anyhow::Result<Banner> {
     })
 }
 
-/// Creates a one-service session; returns the join token and the public port.
-fn create_session(api: SocketAddr, admin: &str) -> anyhow::Result<(String, u16)> {
+/// A session created through the API.
+#[derive(Debug)]
+pub(crate) struct Created {
+    /// Its id.
+    pub session_id: String,
+    /// The agent's single-use join token.
+    pub join_token: String,
+    /// The public port of its one (ssh) service.
+    pub port: u16,
+}
+
+/// Creates a one-service (ssh) session.
+pub(crate) fn create_session(api: SocketAddr, admin: &str) -> anyhow::Result<Created> {
     let body = json!({
         "build_id": "bench",
         "app_id": "bench",
@@ -171,11 +239,18 @@ fn create_session(api: SocketAddr, admin: &str) -> anyhow::Result<(String, u16)>
     let token = v["join_token"]
         .as_str()
         .context("no join_token in the answer")?;
+    let session_id = v["session_id"]
+        .as_str()
+        .context("no session_id in the answer")?;
     let port = v["endpoints"][0]["port"]
         .as_u64()
         .and_then(|p| u16::try_from(p).ok())
         .context("no endpoint port in the answer")?;
-    Ok((token.to_owned(), port))
+    Ok(Created {
+        session_id: session_id.to_owned(),
+        join_token: token.to_owned(),
+        port,
+    })
 }
 
 #[cfg(test)]

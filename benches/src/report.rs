@@ -239,7 +239,8 @@ pub fn fmt_num(v: f64) -> String {
     }
 }
 
-fn render_table(header: &[String], rows: &[Vec<String>]) -> String {
+/// A plain text table: first column left-aligned, the others right-aligned.
+pub fn render_table(header: &[String], rows: &[Vec<String>]) -> String {
     let cols = header.len();
     let width = |i: usize| {
         rows.iter()
