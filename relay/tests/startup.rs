@@ -401,3 +401,144 @@ fn port_range_from_the_environment_is_used() -> Result<()> {
     assert_eq!(created["endpoints"][0]["host"], "relay.test");
     Ok(())
 }
+
+/// Sends `signal` (`TERM`, ...) to the relay.
+fn signal(relay: &RelayProcess, signal: &str) -> Result<()> {
+    let status = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(relay.child.id().to_string())
+        .status()?;
+    ensure!(status.success(), "kill -{signal} failed");
+    Ok(())
+}
+
+/// Waits (bounded) until the relay's stderr contains `needle`; returns all of it.
+fn wait_stderr(relay: &RelayProcess, needle: &str) -> Result<String> {
+    let until = Instant::now() + PROCESS_WAIT;
+    loop {
+        let text = relay.stderr();
+        if text.contains(needle) {
+            return Ok(text);
+        }
+        ensure!(
+            Instant::now() < until,
+            "no `{needle}` on stderr within {PROCESS_WAIT:?}:\n{text}"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// README: "A port range overlapping the kernel's ephemeral range
+/// (`net.ipv4.ip_local_port_range`) is a warning at start": the relay starts anyway and its
+/// log says which ranges overlap and why it matters; a range below it gets no warning.
+#[test]
+fn start_warns_about_a_port_range_in_the_ephemeral_range() -> Result<()> {
+    use porthole_relay::config::{parse_ephemeral_range, EPHEMERAL_RANGE_FILE};
+    let text = fs::read_to_string(EPHEMERAL_RANGE_FILE)
+        .with_context(|| format!("reading {EPHEMERAL_RANGE_FILE} (Linux only)"))?;
+    let (lo, hi) = parse_ephemeral_range(&text)
+        .with_context(|| format!("{EPHEMERAL_RANGE_FILE} holds {text:?}"))?;
+    let inside = PortRange {
+        lo: hi.saturating_sub(9).max(lo),
+        hi,
+    };
+    let dir = data_dir()?;
+    // Warnings and `stopped` are logged at `info` and above, whatever the caller's RUST_LOG.
+    let start = |range: PortRange| -> Result<RelayProcess> {
+        let mut cmd = relay_command(&dir.root);
+        base_args(&mut cmd, &dir.data);
+        cmd.arg("--port-range")
+            .arg(range.to_string())
+            .env("RUST_LOG", "info");
+        let relay = RelayProcess::spawn(cmd)?;
+        relay.banner()?;
+        Ok(relay)
+    };
+    let relay = start(inside)?;
+    let stderr = wait_stderr(&relay, "ephemeral")?;
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("ephemeral"))
+        .unwrap_or_default();
+    let expected = format!(
+        "port_range: {inside} overlaps the kernel's ephemeral port range {lo}-{hi} \
+         (net.ipv4.ip_local_port_range): outgoing connections of this host can take a \
+         session's port, and binds then fail; choose a range below {lo}"
+    );
+    ensure!(
+        line.contains("WARN") && line.contains(&expected),
+        "expected a warning `{expected}`, got:\n{stderr}"
+    );
+    drop(relay);
+
+    // Below the ephemeral range: quiet. The log is complete once `stopped` is in it.
+    let below = common::port_range(10);
+    ensure!(below.hi < lo, "test ranges must lie below {lo}: {below}");
+    let relay = start(below)?;
+    signal(&relay, "TERM")?;
+    let stderr = wait_stderr(&relay, "stopped")?;
+    ensure!(
+        !stderr.contains("ephemeral"),
+        "a range below the ephemeral range was warned about:\n{stderr}"
+    );
+    Ok(())
+}
+
+/// README: `--audit-log -` writes the audit log to stdout: after the banner, creating a
+/// session prints a `session_created` JSON line there, and no audit file is created.
+#[test]
+fn audit_log_dash_writes_json_lines_to_stdout() -> Result<()> {
+    let dir = data_dir()?;
+    let mut cmd = relay_command(&dir.root);
+    base_args(&mut cmd, &dir.data);
+    cmd.arg("--port-range")
+        .arg(common::port_range(10).to_string())
+        .args(["--audit-log", "-"]);
+    let relay = RelayProcess::spawn(cmd)?;
+    let banner = relay.banner()?;
+    let token = fs::read_to_string(dir.data.join("admin.token"))?;
+    let url = format!("{}/v1/sessions", banner_value(&banner, "HTTP API")?);
+    let created = api(async {
+        let resp = reqwest::Client::new()
+            .post(&url)
+            .bearer_auth(token.trim())
+            .json(&json!({"build_id": "b-audit", "app_id": "a-audit", "services": ["ssh"]}))
+            .send()
+            .await?;
+        ensure!(resp.status() == StatusCode::CREATED);
+        Ok(resp.json::<Value>().await?)
+    })?;
+    let id = common::str_field(&created, "session_id")?;
+
+    let until = Instant::now() + PROCESS_WAIT;
+    let mut seen = Vec::new();
+    let line = loop {
+        let left = until.saturating_duration_since(Instant::now());
+        let line = relay.stdout.recv_timeout(left).with_context(|| {
+            format!(
+                "no session_created on stdout; after the banner:\n{}\nstderr:\n{}",
+                seen.join("\n"),
+                relay.stderr()
+            )
+        })?;
+        let v: Value = serde_json::from_str(&line)
+            .with_context(|| format!("stdout line after the banner is not JSON: {line}"))?;
+        ensure!(
+            v["ts"].is_string() && v["event"].is_string(),
+            "an audit line has `ts` and `event`: {line}"
+        );
+        if v["event"] == "session_created" {
+            break v;
+        }
+        seen.push(line);
+    };
+    ensure!(
+        line["session_id"] == id && line["build_id"] == "b-audit" && line["app_id"] == "a-audit",
+        "session_created for {id}: {line}"
+    );
+    ensure!(
+        !dir.data.join("audit.log").exists(),
+        "with `--audit-log -` no audit file is written"
+    );
+    Ok(())
+}

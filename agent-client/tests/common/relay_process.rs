@@ -72,6 +72,16 @@ impl RelaySetup {
     /// Starts the relay with extra flags, its log (stderr) going to `log` when given, and
     /// waits for its banner.
     pub fn start_logged(&self, extra: &[&str], log: Option<&Path>) -> anyhow::Result<RelayProcess> {
+        self.start_logged_at(extra, log, "info")
+    }
+
+    /// [`RelaySetup::start_logged`] with `RUST_LOG` set to `filter` (e.g. `debug`).
+    pub fn start_logged_at(
+        &self,
+        extra: &[&str],
+        log: Option<&Path>,
+        filter: &str,
+    ) -> anyhow::Result<RelayProcess> {
         let stderr = match log {
             Some(path) => Stdio::from(std::fs::File::create(path)?),
             None => Stdio::null(),
@@ -84,7 +94,7 @@ impl RelaySetup {
             .args(["--public-host", "127.0.0.1", "--public-bind", "127.0.0.1"])
             .args(["--port-range", &self.range, "--heartbeat-interval", "1s"])
             .args(extra)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", filter)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(stderr)
@@ -237,6 +247,11 @@ impl RelayProcess {
             .status()?;
         anyhow::ensure!(status.success(), "kill -{signal} failed");
         Ok(())
+    }
+
+    /// Whether the process is still running (not exited).
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     /// Waits for the relay to exit.
