@@ -33,6 +33,7 @@ declare -A APT_FOR=(
   [shellcheck]=shellcheck   # the CI examples' scripts (agent-client/tests/examples.rs)
   [cc]=gcc                  # build scripts of C-backed crates (ring)
   [c++]=g++                 # libFuzzer, built by the fuzz targets' check below
+  [chromium]=chromium       # headless browser for the access page (agent-client/tests/web_page.rs)
 )
 
 missing_pkgs=()

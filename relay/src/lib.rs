@@ -19,7 +19,8 @@
 //!   attach, park, data port) and [`edge::visitor`] (port pool, guards, protocol openings,
 //!   pairing, forwarding).
 //! - [`user_token`]: HS256 user tokens (verify, mint, shared secret file).
-//! - [`api`]: the HTTP/JSON API (sessions, instructions, health, metrics).
+//! - [`api`]: the HTTP/JSON API (sessions, instructions, health, metrics) and the remote
+//!   access page ([`api::web`]), also alone on `--web-listen`.
 //!
 //! [`start`] binds everything and returns a [`RelayHandle`]; `main.rs` only parses flags.
 
@@ -56,6 +57,8 @@ pub struct StartupInfo {
     pub api_addr: SocketAddr,
     /// Bound metrics address, when separate from the API.
     pub metrics_addr: Option<SocketAddr>,
+    /// Bound address of the page-only listener (`--web-listen`), when set.
+    pub web_addr: Option<SocketAddr>,
     /// Bound plain-TCP data port (data plane `tcp` only).
     pub data_addr: Option<SocketAddr>,
     /// Host name in endpoints.
@@ -165,6 +168,14 @@ pub async fn start(config: RelayConfig) -> Result<RelayHandle, RelayError> {
         (Some(l), Some(addr)) => Some(local(l, addr)?),
         _ => None,
     };
+    let web_listener = match config.web_listen {
+        Some(addr) => Some(bind(addr).await?),
+        None => None,
+    };
+    let web_addr = match (&web_listener, config.web_listen) {
+        (Some(l), Some(addr)) => Some(local(l, addr)?),
+        _ => None,
+    };
     let user_token_secret_path = config.user_token_secret_file();
     let audit_log_path = config.audit_log();
     let (secret, _) = user_token::load_or_create_secret(&user_token_secret_path)?;
@@ -241,10 +252,20 @@ pub async fn start(config: RelayConfig) -> Result<RelayHandle, RelayError> {
             "metrics",
         ));
     }
+    if let Some(listener) = web_listener {
+        relay.tasks.spawn(api::serve::serve(
+            listener,
+            api::web_router(relay.clone()),
+            limits,
+            relay.cancel.clone(),
+            "web",
+        ));
+    }
     let info = StartupInfo {
         agent_addr,
         api_addr,
         metrics_addr,
+        web_addr,
         data_addr,
         public_host,
         cert_path: boot.cert_path,

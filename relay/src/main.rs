@@ -219,11 +219,18 @@ fn banner(info: &StartupInfo, port_range: &str, public_bind: &str) -> String {
     let token = info.admin_token_path.display();
     let api = info.api_addr;
     let metrics = info.metrics_addr.unwrap_or(api);
+    let web = info.web_addr.unwrap_or(api);
+    let web_note = if info.web_addr.is_some() {
+        " (page and instructions only)"
+    } else {
+        ""
+    };
     format!(
         "porthole-relay {version} is running
   agent endpoint  {agent} (TLS 1.3){data_port}
   HTTP API        http://{api}
   metrics         http://{metrics}/metrics (also /healthz, /readyz)
+  access page     http://{web}/access/<session_id>#token=<user token>{web_note}
   public ports    {public_bind} ports {port_range}, announced as {host}
   TLS certificate {cert}{cert_note}
   SHA-256         {fp}

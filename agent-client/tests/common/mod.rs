@@ -1,12 +1,14 @@
 //! Shared harness for the end-to-end tests: an in-process relay ([`relay`]), the real agent
 //! binary ([`agent`]; detached as a build step: [`detached`]), a TCP proxy that can cut the agent's link ([`proxy`]), a TCP echo
-//! service ([`echo`]), a fake agent speaking the protocol ([`raw`]), and real OpenSSH / TigerVNC peers ([`peers`]).
+//! service ([`echo`]), a fake agent speaking the protocol ([`raw`]), real OpenSSH / TigerVNC peers ([`peers`]),
+//! and headless Chromium over the DevTools protocol ([`browser`]).
 //! Most tests start with [`fixture::Tunnel`]: a session whose agent registered and forwards
 //! to an echo service.
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod agent;
+pub mod browser;
 pub mod detached;
 pub mod echo;
 pub mod fixture;

@@ -5,6 +5,8 @@
 //! - [`sessions`]: create, get, list, finish, revoke (admin token).
 //! - [`instructions`]: remote access instructions (user token).
 //! - [`health`]: `/metrics`, `/healthz`, `/readyz` (no token).
+//! - [`web`]: the remote access page `/access/{id}` and its assets (no token: it holds no
+//!   data; its script fetches the instructions with the user token from the URL fragment).
 //! - [`shell`]: shell-safe quoting of the commands in the instructions.
 //! - [`serve`]: HTTP/1.1 serving with a header timeout and a connection cap (both listeners).
 
@@ -15,6 +17,7 @@ pub mod instructions;
 pub mod serve;
 pub mod sessions;
 pub mod shell;
+pub mod web;
 
 use std::sync::Arc;
 
@@ -32,16 +35,8 @@ use bearer::{bearer_token, NoBearer};
 use error::ApiError;
 
 /// The API router: admin routes behind the admin token; the instructions route checks user
-/// tokens itself (the two kinds of token never stand in for each other).
+/// tokens itself (the two kinds of token never stand in for each other); the page needs none.
 pub fn router(relay: Arc<Relay>) -> Router {
-    // The configured role lists, normalised once.
-    let roles = RolePolicy::new(&relay.config.denied_roles, &relay.config.allowed_roles);
-    let user = Router::new()
-        .route(
-            "/v1/sessions/{id}/instructions",
-            get(instructions::instructions),
-        )
-        .layer(Extension(Arc::new(roles)));
     Router::new()
         .route("/v1/sessions", post(sessions::create).get(sessions::list))
         .route(
@@ -51,10 +46,32 @@ pub fn router(relay: Arc<Relay>) -> Router {
         .route("/v1/sessions/{id}/finish", post(sessions::finish))
         .fallback(|| async { ApiError::not_found("no such route") })
         .layer(middleware::from_fn_with_state(relay.clone(), require_admin))
-        .merge(user)
+        .merge(user_routes(&relay))
+        .merge(web::router())
         .layer(DefaultBodyLimit::max(MAX_API_BODY))
         .with_state(relay.clone())
         .merge(health::router(relay))
+}
+
+/// The router of `--web-listen`: only the page, its assets and the instructions endpoint,
+/// so that listener can face users without exposing the admin API or the metrics.
+pub fn web_router(relay: Arc<Relay>) -> Router {
+    user_routes(&relay)
+        .merge(web::router())
+        .fallback(|| async { ApiError::not_found("no such route") })
+        .layer(DefaultBodyLimit::max(MAX_API_BODY))
+        .with_state(relay)
+}
+
+/// The instructions route, with the configured role lists normalised once.
+fn user_routes(relay: &Relay) -> Router<Arc<Relay>> {
+    let roles = RolePolicy::new(&relay.config.denied_roles, &relay.config.allowed_roles);
+    Router::new()
+        .route(
+            "/v1/sessions/{id}/instructions",
+            get(instructions::instructions),
+        )
+        .layer(Extension(Arc::new(roles)))
 }
 
 /// Refuses requests without the admin bearer token (compared in constant time).

@@ -33,6 +33,11 @@ pub struct RelayConfig {
     /// Separate address for /metrics, /healthz and /readyz [default: served on the API address].
     #[arg(long, env = "PORTHOLE_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Separate public address serving only the remote access page (`/access/{id}`), its
+    /// assets and the instructions endpoint (user tokens), so it can face users without the
+    /// admin API [default: none; the page is served on the API address only].
+    #[arg(long, env = "PORTHOLE_WEB_LISTEN")]
+    pub web_listen: Option<SocketAddr>,
     /// Address of the HTTP API (keep it private: it hands out join tokens).
     #[arg(long, env = "PORTHOLE_API_LISTEN", default_value = "127.0.0.1:7080")]
     pub api_listen: SocketAddr,
@@ -178,6 +183,7 @@ impl Default for RelayConfig {
             api_listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 7080)),
             public_host: None,
             metrics_listen: None,
+            web_listen: None,
             public_bind: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             port_range: PortRange {
                 lo: 20000,

@@ -2,6 +2,7 @@
 //! sense and names its key; [`RelayConfig::warnings`] finds settings that work but are
 //! probably not what the operator wants.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use super::{PortRange, RelayConfig};
@@ -137,6 +138,18 @@ impl RelayConfig {
     }
 
     fn check_names(&self) -> Result<(), InvalidSetting> {
+        if let Some(web) = self.web_listen {
+            // Port 0 (pick a free port) never collides.
+            let same = |other: SocketAddr| web.port() != 0 && web == other;
+            if same(self.api_listen) || self.metrics_listen.is_some_and(same) {
+                return Err(InvalidSetting::new(
+                    "web_listen",
+                    format!(
+                        "{web} is already the API or metrics address; leave web_listen out to serve the page on the API address"
+                    ),
+                ));
+            }
+        }
         if self.data_dir.as_os_str().is_empty() {
             return Err(InvalidSetting::new("data_dir", "must not be empty"));
         }
@@ -255,6 +268,18 @@ pub fn ephemeral_overlap(range: PortRange, lo: u16, hi: u16) -> Option<String> {
 mod tests {
     use super::*;
     use std::path::PathBuf;
+
+    #[test]
+    fn web_listen_must_not_be_the_api_address() {
+        let mut c = RelayConfig {
+            web_listen: Some(SocketAddr::from(([127, 0, 0, 1], 7080))),
+            ..RelayConfig::default()
+        };
+        let err = c.validate().err().unwrap_or_default();
+        assert!(err.contains("web_listen"), "{err}");
+        c.web_listen = Some(SocketAddr::from(([0, 0, 0, 0], 8443)));
+        assert_eq!(c.validate(), Ok(()));
+    }
 
     #[test]
     fn ephemeral_overlap_is_a_warning_that_says_why() {
