@@ -17,6 +17,7 @@
 //! - [`report`]: metrics, text tables, ratios, the JSON document.
 //! - [`restart`]: the `restart` mode: time until N live sessions are active again after a
 //!   relay restart (graceful and crash).
+//! - [`sources`]: loopback forwarders that give each agent its own source address.
 //! - [`svg`]: the bar chart.
 
 pub mod bulk;
@@ -28,6 +29,7 @@ pub mod procfs;
 pub mod report;
 pub mod restart;
 pub mod run;
+pub mod sources;
 pub mod stats;
 pub mod suite;
 pub mod svg;

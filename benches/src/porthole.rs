@@ -37,7 +37,7 @@ pub struct PortholeSetup {
 }
 
 /// What the relay printed at start.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Banner {
     /// The agent endpoint (`HOST:PORT`).
     pub agent: String,
