@@ -71,6 +71,32 @@ fn sigterm_drains_exits_zero_and_the_agent_comes_back() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Without visitors there is nothing to drain: the relay cancels everything right after it
+/// starts stopping. Every agent must still get the shutdown notice (not a bare TLS close), so
+/// it knows the relay is coming back. A bare close was what most agents saw before the control
+/// loop told apart a link cancelled by the shutdown (found by `porthole-bench restart`: 164 of 200).
+#[test]
+fn sigterm_without_visitors_still_tells_every_agent() -> anyhow::Result<()> {
+    let setup = RelaySetup::new()?;
+    let mut relay = setup.start()?;
+    let tunnels = (0..4)
+        .map(|_| Tunnel::builder().start_process(&setup, &relay))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    relay.signal("TERM")?;
+    let status = relay.wait_exit(Duration::from_secs(20))?;
+    ensure!(
+        status.success(),
+        "SIGTERM must end with exit 0, got {status}"
+    );
+    for tunnel in &tunnels {
+        tunnel
+            .agent
+            .wait_line("restarting", Duration::from_secs(10))
+            .with_context(|| format!("agent output:\n{}", tunnel.agent.output()))?;
+    }
+    Ok(())
+}
+
 #[test]
 fn sighup_reloads_the_certificate_for_new_connections_only() -> anyhow::Result<()> {
     let setup = RelaySetup::new()?;

@@ -151,7 +151,12 @@ pub(crate) fn relay_command(
         .args(["--visitor-rate-burst", RATE_BURST])
         .args(["--visitor-rate-per-minute", RATE_PER_MINUTE])
         .args(["--data-plane", data_plane])
-        .args(["--data-listen", &addrs.data.to_string()]);
+        .args(["--data-listen", &addrs.data.to_string()])
+        // Every connection of the harness comes from 127.0.0.1: the per-source visitor cap
+        // (4 by default, since the public-edge hardening) is lifted to the session's cap.
+        // Through the environment, which relays from before the setting ignore, so older
+        // binaries (`--bin-dir`) run with the same command line.
+        .env("PORTHOLE_MAX_VISITORS_PER_SOURCE", max_visitors.to_string());
     cmd
 }
 

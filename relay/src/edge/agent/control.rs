@@ -19,6 +19,7 @@ use crate::session::access::Access;
 use crate::session::actions::{AgentOffer, Registration};
 use crate::session::lifecycle::RevokeReason;
 use crate::session::refusal::Refusal;
+use crate::session::runtime::Session;
 use crate::shared::Relay;
 use crate::untrusted::Untrusted;
 
@@ -124,13 +125,16 @@ async fn serve(relay: &Relay, peer: IpAddr, mut framed: AgentFramed, mut reg: Re
     let mut result = send(&mut framed, registered, limit).await;
     while result.is_ok() {
         tokio::select! {
-            () = reg.link.cancel.cancelled() => break,
             () = relay.stopping.cancelled() => {
-                // Tell the agent to come back to the restarted relay; its visitors drain.
-                let msg = "the relay is restarting: reconnect shortly".to_owned();
-                farewell(&mut framed, ErrorCode::ShuttingDown, msg).await;
-                session.link_released(reg.link.id, SystemTime::now());
-                return;
+                return restarting(&mut framed, &session, reg.link.id).await;
+            }
+            () = reg.link.cancel.cancelled() => {
+                // With nothing to drain, a stopping relay cancels every session right after
+                // it starts stopping: the agent must still hear that it is coming back.
+                if relay.stopping.is_cancelled() {
+                    return restarting(&mut framed, &session, reg.link.id).await;
+                }
+                break;
             }
             Some(msg) = reg.rx.recv() => result = send(&mut framed, msg, limit).await,
             Some(count) = visitor_count_changed(&mut reg.visitor_count) => {
@@ -217,6 +221,14 @@ async fn visitor_count_changed(
         return std::future::pending().await;
     }
     Some(*rx.borrow_and_update())
+}
+
+/// The relay is stopping: tell the agent to come back to the restarted relay (its visitors
+/// drain) and release the link.
+async fn restarting(framed: &mut AgentFramed, session: &Session, link_id: u64) {
+    let msg = "the relay is restarting: reconnect shortly".to_owned();
+    farewell(framed, ErrorCode::ShuttingDown, msg).await;
+    session.link_released(link_id, SystemTime::now());
 }
 
 /// Sends one frame, failing when the agent has not taken it within `limit`.
