@@ -316,7 +316,8 @@ pub enum Message {
     /// Sent only to relays that said `accepts_end` in `registered`.
     End,
     /// Relay → agent: how many visitors are connected now (sent when the count changes, to
-    /// agents that said `visitor_reports` in `hello`).
+    /// agents that said `visitor_reports` in `hello`; the first change at once, later ones
+    /// paced, at most one report every 500 ms with the latest count).
     Visitors {
         /// Visitor connections open now.
         count: u32,

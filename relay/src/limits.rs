@@ -40,6 +40,10 @@ pub const MAX_API_BODY: usize = 64 * 1024;
 /// After the drain, how long shutdown waits for the remaining tasks to end.
 pub const FINAL_SHUTDOWN_WAIT: Duration = Duration::from_secs(3);
 
+/// Least time between two `visitors` reports on one control link (the first goes out at
+/// once): a busy session's count changes with every visitor, its agent needs only the news.
+pub const VISITOR_REPORT_INTERVAL: Duration = Duration::from_millis(500);
+
 /// Time allowed to write the final `revoked`/`error` frame to an agent before closing.
 pub const FAREWELL_TIMEOUT: Duration = Duration::from_secs(2);
 

@@ -52,6 +52,13 @@ pub struct VisitorGuard {
 }
 
 impl VisitorGuard {
+    /// Tells the agent the session's visitor count now that this visitor is on its way to
+    /// it: called after the `open` is queued (or a warm connection assigned), so the report,
+    /// which is only news, never delays the visitor's `open` on the control link.
+    pub fn announce(&self) {
+        self.session.lock().report_visitors();
+    }
+
     /// The visitor is plausibly logged in (connected long enough, or reported logged in by
     /// the agent): from now on it holds the session open. Idempotent.
     pub fn hold(&self) {
@@ -260,7 +267,8 @@ impl Session {
         }
         *from_source += 1;
         inner.life.on_visitor_joined();
-        inner.report_visitors();
+        // Not reported yet: the caller announces the visitor once the agent has its `open`
+        // ([`VisitorGuard::announce`]), so the count never travels ahead of it.
         Ok((
             link,
             VisitorGuard {

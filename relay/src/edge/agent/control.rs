@@ -14,7 +14,7 @@ use porthole_protocol::time::to_unix_ms;
 use porthole_protocol::{Credential, ErrorCode, FrameError, Message, Service};
 
 use crate::edge::agent::conn::{farewell, refuse, AgentFramed};
-use crate::limits::FAREWELL_TIMEOUT;
+use crate::limits::{FAREWELL_TIMEOUT, VISITOR_REPORT_INTERVAL};
 use crate::session::access::Access;
 use crate::session::actions::{AgentOffer, Registration};
 use crate::session::lifecycle::RevokeReason;
@@ -122,6 +122,7 @@ async fn serve(relay: &Relay, peer: IpAddr, mut framed: AgentFramed, mut reg: Re
     // as silence, three heartbeat intervals.
     let limit = interval.saturating_mul(3);
     let mut confirmed = false;
+    let mut pace = ReportPace::default();
     let mut result = send(&mut framed, registered, limit).await;
     while result.is_ok() {
         tokio::select! {
@@ -137,8 +138,13 @@ async fn serve(relay: &Relay, peer: IpAddr, mut framed: AgentFramed, mut reg: Re
                 break;
             }
             Some(msg) = reg.rx.recv() => result = send(&mut framed, msg, limit).await,
-            Some(count) = visitor_count_changed(&mut reg.visitor_count) => {
-                result = send(&mut framed, Message::Visitors { count }, limit).await;
+            true = visitor_count_changed(&mut reg.visitor_count), if !pace.dirty => pace.dirty = true,
+            // Counts wait while `open`s are queued: a count is only news, an `open` has a
+            // visitor waiting on it.
+            () = tokio::time::sleep_until(pace.not_before), if pace.dirty && reg.rx.is_empty() => {
+                if let Some(count) = pace.take(&mut reg.visitor_count) {
+                    result = send(&mut framed, Message::Visitors { count }, limit).await;
+                }
             }
             _ = ticker.tick() => {
                 if last_heard.elapsed() > limit {
@@ -209,18 +215,54 @@ async fn serve(relay: &Relay, peer: IpAddr, mut framed: AgentFramed, mut reg: Re
     session.link_lost(reg.link.id, SystemTime::now());
 }
 
-/// The visitor count once it changes (the latest, coalesced); never resolves for agents
-/// that did not ask for reports, or once the watch is gone.
-async fn visitor_count_changed(
-    count: &mut Option<tokio::sync::watch::Receiver<u32>>,
-) -> Option<u32> {
-    let Some(rx) = count else {
-        return std::future::pending().await;
-    };
-    if rx.changed().await.is_err() {
-        return std::future::pending().await;
+/// Resolves `true` once the visitor count changed; never resolves for agents that did not
+/// ask for reports, or once the watch is gone. Cancel-safe: a change it saw is reported by
+/// its branch, and one it did not see stays unseen in the watch.
+async fn visitor_count_changed(count: &mut Option<tokio::sync::watch::Receiver<u32>>) -> bool {
+    if let Some(rx) = count {
+        if rx.changed().await.is_ok() {
+            return true;
+        }
     }
-    Some(*rx.borrow_and_update())
+    std::future::pending().await
+}
+
+/// Paces `visitors` reports: the first change goes out at once (so an agent always learns
+/// that somebody connected), later ones at most every [`VISITOR_REPORT_INTERVAL`] with the
+/// latest count, so a busy session costs its agent a few frames a second, not two per
+/// visitor.
+#[derive(Debug)]
+struct ReportPace {
+    /// A change is waiting to be reported.
+    dirty: bool,
+    /// The count last sent.
+    last_sent: Option<u32>,
+    /// The earliest moment of the next report.
+    not_before: tokio::time::Instant,
+}
+
+impl Default for ReportPace {
+    fn default() -> Self {
+        Self {
+            dirty: false,
+            last_sent: None,
+            not_before: tokio::time::Instant::now(),
+        }
+    }
+}
+
+impl ReportPace {
+    /// The count to send now, if it differs from the last one sent.
+    fn take(&mut self, count: &mut Option<tokio::sync::watch::Receiver<u32>>) -> Option<u32> {
+        self.dirty = false;
+        let latest = *count.as_mut()?.borrow_and_update();
+        if self.last_sent == Some(latest) {
+            return None;
+        }
+        self.last_sent = Some(latest);
+        self.not_before = tokio::time::Instant::now() + VISITOR_REPORT_INTERVAL;
+        Some(latest)
+    }
 }
 
 /// The relay is stopping: tell the agent to come back to the restarted relay (its visitors
@@ -238,4 +280,50 @@ async fn send(
     limit: std::time::Duration,
 ) -> Result<(), FrameError> {
     send_within(framed, msg, limit, "agent").await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn visitor_reports_are_paced_and_never_repeat_a_count() {
+        let (tx, rx) = tokio::sync::watch::channel(0u32);
+        let mut count = Some(rx);
+        let mut pace = ReportPace::default();
+        let start = tokio::time::Instant::now();
+
+        tx.send_replace(1);
+        assert!(visitor_count_changed(&mut count).await);
+        assert!(
+            pace.not_before <= start,
+            "the first report goes out at once"
+        );
+        assert_eq!(pace.take(&mut count), Some(1));
+        assert!(pace.not_before >= start + VISITOR_REPORT_INTERVAL);
+
+        // A burst within the interval: only the latest count is sent, once it is due.
+        for n in [2, 3, 2] {
+            tx.send_replace(n);
+        }
+        assert!(visitor_count_changed(&mut count).await);
+        tokio::time::sleep_until(pace.not_before).await;
+        assert_eq!(pace.take(&mut count), Some(2));
+
+        // Back to the count last sent: nothing to say.
+        tx.send_replace(5);
+        tx.send_replace(2);
+        assert!(visitor_count_changed(&mut count).await);
+        assert_eq!(pace.take(&mut count), None);
+        assert!(!pace.dirty);
+
+        // Agents that did not ask never get a count.
+        let mut none = None;
+        assert_eq!(pace.take(&mut none), None);
+        let silent = tokio::time::timeout(
+            std::time::Duration::from_millis(50),
+            visitor_count_changed(&mut none),
+        );
+        assert!(silent.await.is_err());
+    }
 }

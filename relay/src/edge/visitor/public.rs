@@ -154,6 +154,7 @@ async fn visitor(
     };
     if let Some((conn_id, data)) = warm_data_connection(&session, link.id, service).await {
         relay.metrics.pairings.with_label_values(&["warm"]).inc();
+        counted.announce();
         let paired = Paired {
             stream,
             data,
@@ -176,6 +177,7 @@ async fn visitor(
         session.cancel_open(conn_id);
         return visit.refuse(VisitorRefusal::AgentBusy);
     }
+    counted.announce();
     let data = tokio::select! {
         got = tokio::time::timeout(relay.config.open_timeout, rx) => match got {
             Ok(Ok(data)) => data,
