@@ -16,6 +16,8 @@ pub struct Agent {
     child: Child,
     /// stdout and stderr lines, in arrival order per stream.
     lines: Arc<Mutex<Vec<String>>>,
+    /// The threads reading stdout and stderr; they end when the pipes close.
+    readers: Vec<std::thread::JoinHandle<()>>,
     /// Its pid file (for `porthole-agent finish`).
     pub pid_file: PathBuf,
     /// Keeps the pid file's directory.
@@ -95,20 +97,22 @@ impl Agent {
         let lines = Arc::new(Mutex::new(Vec::new()));
         let out = child.stdout.take().context("agent stdout")?;
         let err = child.stderr.take().context("agent stderr")?;
+        let mut readers = Vec::new();
         for stream in [
             Box::new(out) as Box<dyn std::io::Read + Send>,
             Box::new(err),
         ] {
             let lines = lines.clone();
-            std::thread::spawn(move || {
+            readers.push(std::thread::spawn(move || {
                 for line in BufReader::new(stream).lines().map_while(Result::ok) {
                     lines.lock().unwrap_or_else(|p| p.into_inner()).push(line);
                 }
-            });
+            }));
         }
         Ok(Self {
             child,
             lines,
+            readers,
             pid_file,
             _dir: dir,
         })
@@ -147,8 +151,16 @@ impl Agent {
             self.child.try_wait().ok().flatten()
         })
         .with_context(|| format!("agent output so far:\n{}", self.output()))?;
-        // Let the reader threads drain the pipes.
-        std::thread::sleep(Duration::from_millis(100));
+        // Every line is in once both pipes are closed and read to the end.
+        super::wait_for("the agent's output pipes to close", timeout, || {
+            self.readers
+                .iter()
+                .all(std::thread::JoinHandle::is_finished)
+                .then_some(())
+        })
+        .context(
+            "the agent exited but its stdout or stderr stayed open (a child process holds it)",
+        )?;
         Ok(status)
     }
 
