@@ -125,20 +125,23 @@ fn a_connected_visitor_holds_the_session_and_leaving_starts_a_fresh_grace() -> a
         instructions.body
     );
 
-    // Twice the grace period: the session stays open while the visitor is connected.
+    // Twice the grace period: the session stays open while the visitor is connected. It is
+    // checked all along and once more after the 4 s (however slow the polls are, one look
+    // comes after the grace would have ended).
     let held_from = Instant::now();
-    let mut polls = 0;
-    while held_from.elapsed() < Duration::from_secs(4) {
+    loop {
+        let done = held_from.elapsed() >= Duration::from_secs(4);
         let view = relay.get(id)?;
         ensure!(
             view["state"] == "finishing" && view["visitors"] == 1,
             "after {:?} the session should still be finishing with its visitor: {view}",
             held_from.elapsed()
         );
-        polls += 1;
+        if done {
+            break;
+        }
         std::thread::sleep(Duration::from_millis(250));
     }
-    ensure!(polls >= 8, "polled only {polls} times in 4 s");
     echo_on(&mut visitor, b"still here\n").context("the visitor after 4 s")?;
 
     // The visitor leaves: a fresh grace starts now, it does not end at once.
