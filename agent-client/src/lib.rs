@@ -31,25 +31,29 @@
 //! resuming after lost links) and returns why it ended; [`run_with`] does the same with the
 //! controls the binary wires to signals and the local socket.
 
-pub mod backoff;
+// The layout above links modules that are crate-private (`pub(crate)`: no other crate
+// needs them); `cargo doc --document-private-items` follows those links.
+#![allow(rustdoc::private_intra_doc_links)]
+
+pub(crate) mod backoff;
 pub mod config;
-pub mod control;
-pub mod credentials;
+pub(crate) mod control;
+pub(crate) mod credentials;
 pub mod detach;
-pub mod early_end;
-pub mod embedded_ssh;
-pub mod error;
+pub(crate) mod early_end;
+pub(crate) mod embedded_ssh;
+pub(crate) mod error;
 pub mod events;
 pub mod exit;
-pub mod link;
+pub(crate) mod link;
 pub mod local;
 pub mod pidfile;
-pub mod prefixed;
+pub(crate) mod prefixed;
 pub mod print;
-pub mod resolve;
+pub(crate) mod resolve;
 pub mod status;
-pub mod visitor;
-pub mod warm;
+pub(crate) mod visitor;
+pub(crate) mod warm;
 
 use std::sync::Arc;
 

@@ -18,7 +18,6 @@ use crate::embedded_ssh::LoginReport;
 use crate::visitor::{self, DataConn, DataRoute};
 use crate::Context;
 
-pub use crate::config::MAX_WARM;
 /// After asking the relay to retire a parked connection, how long an `assign` that crossed
 /// the request is still served.
 const RETIRE_GRACE: Duration = Duration::from_secs(5);

@@ -16,7 +16,7 @@ use anyhow::{ensure, Context as _};
 use common::detached::{cli, text, Detached};
 use common::peers::sshd::Sshd;
 use common::peers::tools::run_with_timeout;
-use common::relay_process::{free_port, RelaySetup};
+use common::relay_process::{refusing_port, RelaySetup};
 use common::wait_for;
 use serde_json::json;
 
@@ -205,7 +205,8 @@ fn a_refused_token_makes_detach_exit_non_zero_with_the_reason() -> anyhow::Resul
 #[test]
 fn an_unreachable_relay_makes_detach_give_up_after_the_connect_timeout() -> anyhow::Result<()> {
     // Nothing listens there: the agent keeps retrying until --detach gives up.
-    let relay = format!("127.0.0.1:{}", free_port()?);
+    let (_reserved, port) = refusing_port()?;
+    let relay = format!("127.0.0.1:{port}");
     let agent = Detached::start(
         &relay,
         &"00".repeat(32),

@@ -24,16 +24,20 @@
 //!
 //! [`start`] binds everything and returns a [`RelayHandle`]; `main.rs` only parses flags.
 
+// The layout above links modules that are crate-private (`pub(crate)`: no other crate
+// needs them); `cargo doc --document-private-items` follows those links.
+#![allow(rustdoc::private_intra_doc_links)]
+
 pub mod api;
 pub mod config;
 pub mod edge;
-pub mod error;
+pub(crate) mod error;
 pub mod limits;
-pub mod ops;
-pub mod session;
-pub mod shared;
-pub mod store;
-pub mod untrusted;
+pub(crate) mod ops;
+pub(crate) mod session;
+pub(crate) mod shared;
+pub(crate) mod store;
+pub(crate) mod untrusted;
 pub mod user_token;
 
 use std::net::SocketAddr;

@@ -35,6 +35,16 @@ pub fn free_port() -> anyhow::Result<u16> {
         .port())
 }
 
+/// A loopback port where connections are refused, reserved for as long as the returned
+/// socket lives: it is bound but never listens, so no other test can take the port in the
+/// meantime (as it could with a port that was merely free a moment ago).
+pub fn refusing_port() -> anyhow::Result<(tokio::net::TcpSocket, u16)> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(([127, 0, 0, 1], 0).into())?;
+    let port = socket.local_addr()?.port();
+    Ok((socket, port))
+}
+
 /// Fixed addresses and data dir, so a restarted relay comes back at the same place.
 pub struct RelaySetup {
     /// Data dir.

@@ -10,7 +10,7 @@
 //! - [`warm_pool`]: one session's queue of parked warm data connections.
 //! - [`registry`]: [`registry::SessionRegistry`], the sessions by id and join token (the only
 //!   holder of the maps).
-//! - [`actions`]: create, join, resume, confirm, finish, revoke, purge; [`actions::activate`]
+//! - [`actions`]: create, join, resume, confirm, finish, revoke, purge; `actions::activate`
 //!   brings a session up on this node (listeners, supervisor) for both create and restore.
 //! - [`refusal`]: why an agent's registration is refused (typed, with its error code).
 //! - [`persist`]: sessions to and from the store (written before a peer is told; restored on

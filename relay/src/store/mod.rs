@@ -4,7 +4,7 @@
 //! - [`record`]: [`SessionRecord`], the durable facts of a session (with a `version`).
 //! - [`redb`]: [`RedbStore`], the embedded single-node store (`DATA_DIR/state.redb`): one
 //!   writer thread batches commits, so fsyncs never run on the runtime's workers.
-//! - [`memory`]: [`MemoryStore`], for unit tests of the registry (no disk).
+//! - `memory`: `MemoryStore`, for unit tests of the registry (no disk; built only for tests).
 //!
 //! The contract, for every implementation:
 //! - **Writes are compare-and-swap by version.** [`SessionStore::put`] stores a record only
@@ -17,6 +17,7 @@
 //! - **Changes made elsewhere** arrive on [`SessionStore::changes`] (a cluster store); a
 //!   single-node store produces none.
 
+#[cfg(test)]
 pub mod memory;
 pub mod record;
 pub mod redb;
@@ -24,6 +25,7 @@ pub mod redb;
 use futures_util::future::BoxFuture;
 use futures_util::stream::BoxStream;
 
+#[cfg(test)]
 pub use memory::MemoryStore;
 pub use record::{hash_from_hex, hash_hex, SessionRecord, FORMAT};
 pub use redb::RedbStore;
