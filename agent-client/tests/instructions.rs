@@ -17,6 +17,7 @@ use common::peers::sshd::{password_ssh, password_user, Sshd, SshdOptions};
 use common::peers::tools::run_with_timeout;
 use common::peers::vnc::{png_size, vncdo_capture, Xvnc};
 use common::relay::{ApiAnswer, Created, TestRelay};
+use common::secrets::{random_password, write_secret_file};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 
@@ -29,25 +30,6 @@ const HOST_KEY: &str =
 
 /// A second host key, so `--ssh-host-key-file` is given twice.
 const HOST_KEY_2: &str = "ecdsa-sha2-nistp256 AAAAE2VjZHNhLXNoYTItbmlzdHAyNTYAAAAIbmlzdHAyNTYAAABBBEmKSENjQEezOmxkZMy7opKgwFB9nkt5YRrYMjNuG5N87uRgg6CLrbo5wAdT/y6v0mKV0U2w0WZ2YB/++Tpockg= root@vm";
-
-/// A random password of `len` letters and digits.
-fn random_password(len: usize) -> String {
-    use rand::Rng as _;
-    const CHARS: &[u8] = b"abcdefghijkmnopqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789";
-    let mut rng = rand::thread_rng();
-    (0..len)
-        .map(|_| char::from(CHARS[rng.gen_range(0..CHARS.len())]))
-        .collect()
-}
-
-/// Writes `contents` (plus a newline) to `dir/name`, mode 0600; returns the path.
-fn write_secret_file(dir: &Path, name: &str, contents: &str) -> anyhow::Result<PathBuf> {
-    use std::os::unix::fs::PermissionsExt as _;
-    let path = dir.join(name);
-    std::fs::write(&path, format!("{contents}\n"))?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(path)
-}
 
 /// Flags for the agent's SSH login details.
 fn ssh_flags(user: &str, password_file: &Path, host_key_file: &Path) -> Vec<String> {

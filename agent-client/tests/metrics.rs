@@ -10,61 +10,18 @@ mod common;
 
 use std::time::Duration;
 
-use anyhow::{anyhow, ensure, Context as _};
+use anyhow::{ensure, Context as _};
 use common::agent::Agent;
 use common::peers::sshd::Sshd;
 use common::peers::tools::run_with_input;
 use common::relay::TestRelay;
+use common::scrape::Scrape;
 use common::wait_for;
-use openmetrics_parser::{prometheus::parse_prometheus, PrometheusValue};
 
 /// Bytes sent up (ssh's stdin) and down (the remote command's stdout), in one connection.
 const PAYLOAD: usize = 1024 * 1024;
 
-/// One parsed scrape.
-struct Scrape(
-    openmetrics_parser::MetricsExposition<openmetrics_parser::PrometheusType, PrometheusValue>,
-);
-
 impl Scrape {
-    /// `GET /metrics` without any token, parsed whole.
-    fn take(relay: &TestRelay) -> anyhow::Result<Self> {
-        let url = format!("http://{}/metrics", relay.handle.info.api_addr);
-        let resp = reqwest::blocking::get(&url)?;
-        ensure!(resp.status() == 200, "/metrics answered {}", resp.status());
-        let text = resp.text()?;
-        let parsed = parse_prometheus(&text)
-            .map_err(|e| anyhow!("/metrics is not a valid exposition: {e:?}\n{text}"))?;
-        Ok(Self(parsed))
-    }
-
-    /// The sample of `family` whose labels are exactly `labels`: a counter's or gauge's
-    /// value, a histogram's count. `None` when the series does not exist (yet).
-    fn get(&self, family: &str, labels: &[(&str, &str)]) -> Option<f64> {
-        let family = self.0.families.get(family)?;
-        if family.get_label_names().len() != labels.len() {
-            return None;
-        }
-        family.iter_samples().find_map(|sample| {
-            let set = sample.get_labelset().ok()?;
-            labels
-                .iter()
-                .all(|(k, v)| set.get_label_value(k) == Some(*v))
-                .then(|| match &sample.value {
-                    PrometheusValue::Counter(c) => Some(c.value.as_f64()),
-                    PrometheusValue::Gauge(n) | PrometheusValue::Unknown(n) => Some(n.as_f64()),
-                    PrometheusValue::Histogram(h) => h.count.map(|c| c as f64),
-                    PrometheusValue::Summary(s) => s.count.map(|c| c as f64),
-                })?
-        })
-    }
-
-    /// Like [`Scrape::get`], 0 for a series not created yet (labelled counters appear on
-    /// first use).
-    fn or_zero(&self, family: &str, labels: &[(&str, &str)]) -> f64 {
-        self.get(family, labels).unwrap_or(0.0)
-    }
-
     fn sessions(&self, state: &str) -> Option<f64> {
         self.get("porthole_sessions", &[("state", state)])
     }

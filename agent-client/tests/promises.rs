@@ -10,40 +10,21 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, ensure, Context as _};
+use anyhow::{bail, ensure, Context as _};
 use common::agent::Agent;
 use common::fixture::Tunnel;
 use common::proxy::Proxy;
 use common::raw::{self, confirm, registered, wait_for_async};
 use common::relay::TestRelay;
 use common::relay_process::RelaySetup;
+use common::scrape::Scrape;
+use common::secrets::{random_password, write_secret_file};
 use common::{echo, wait_for};
 use futures_util::StreamExt;
-use openmetrics_parser::{prometheus::parse_prometheus, PrometheusValue};
 use porthole_protocol::{Credential, Message, Secret, Service};
 use serde_json::{json, Value};
-
-/// A random password of `len` letters and digits.
-fn random_password(len: usize) -> String {
-    use rand::Rng as _;
-    const CHARS: &[u8] = b"abcdefghijkmnopqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789";
-    let mut rng = rand::thread_rng();
-    (0..len)
-        .map(|_| char::from(CHARS[rng.gen_range(0..CHARS.len())]))
-        .collect()
-}
-
-/// Writes `contents` (plus a newline) to `dir/name`, mode 0600; returns the path.
-fn write_secret_file(dir: &Path, name: &str, contents: &str) -> anyhow::Result<PathBuf> {
-    use std::os::unix::fs::PermissionsExt as _;
-    let path = dir.join(name);
-    std::fs::write(&path, format!("{contents}\n"))?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(path)
-}
 
 /// A multi-thread runtime for the proxy and the fake agent next to a relay process.
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -422,57 +403,6 @@ fn revoked_sessions_stay_visible_for_the_retention_then_are_forgotten() -> anyho
     ensure!(gone["error"].is_string(), "404 body: {gone}");
     ensure!(!listed(&id)?, "a forgotten session is still listed");
     Ok(())
-}
-
-/// One parsed scrape.
-struct Scrape(
-    openmetrics_parser::MetricsExposition<openmetrics_parser::PrometheusType, PrometheusValue>,
-);
-
-impl Scrape {
-    /// `GET /metrics` without any token, parsed whole.
-    fn take(relay: &TestRelay) -> anyhow::Result<Self> {
-        let url = format!("http://{}/metrics", relay.handle.info.api_addr);
-        let resp = reqwest::blocking::get(&url)?;
-        ensure!(resp.status() == 200, "/metrics answered {}", resp.status());
-        let text = resp.text()?;
-        let parsed = parse_prometheus(&text)
-            .map_err(|e| anyhow!("/metrics is not a valid exposition: {e:?}\n{text}"))?;
-        Ok(Self(parsed))
-    }
-
-    /// The counter `family{label="value"}` (0 when the series does not exist yet).
-    fn counter(&self, family: &str, label: &str, value: &str) -> f64 {
-        let Some(family) = self.0.families.get(family) else {
-            return 0.0;
-        };
-        family
-            .iter_samples()
-            .find_map(|sample| {
-                let set = sample.get_labelset().ok()?;
-                (set.get_label_value(label) == Some(value)).then(|| match &sample.value {
-                    PrometheusValue::Counter(c) => c.value.as_f64(),
-                    _ => f64::NAN,
-                })
-            })
-            .unwrap_or(0.0)
-    }
-
-    /// Every `(series, label, value)` of the scrape.
-    fn labels(&self) -> anyhow::Result<Vec<(String, String, String)>> {
-        let mut out = Vec::new();
-        for (name, family) in &self.0.families {
-            for sample in family.iter_samples() {
-                let set = sample
-                    .get_labelset()
-                    .map_err(|e| anyhow!("{name}: {e:?}"))?;
-                for (label, value) in set.iter() {
-                    out.push((name.clone(), label.clone(), value.clone()));
-                }
-            }
-        }
-        Ok(out)
-    }
 }
 
 /// `README`, Metrics: `porthole_instructions_requests_total{outcome}` counts an

@@ -1,7 +1,8 @@
 //! Shared harness for the end-to-end tests: an in-process relay ([`relay`]), the real agent
 //! binary ([`agent`]; detached as a build step: [`detached`]), a TCP proxy that can cut the agent's link ([`proxy`]), a TCP echo
 //! service ([`echo`]), a fake agent speaking the protocol ([`raw`]), real OpenSSH / TigerVNC peers ([`peers`]),
-//! and headless Chromium over the DevTools protocol ([`browser`]).
+//! and headless Chromium over the DevTools protocol ([`browser`]); `/metrics` scrapes ([`scrape`])
+//! and test secrets ([`secrets`]).
 //! Most tests start with [`fixture::Tunnel`]: a session whose agent registered and forwards
 //! to an echo service.
 
@@ -17,6 +18,8 @@ pub mod proxy;
 pub mod raw;
 pub mod relay;
 pub mod relay_process;
+pub mod scrape;
+pub mod secrets;
 
 use std::time::{Duration, Instant};
 
