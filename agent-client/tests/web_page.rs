@@ -11,13 +11,14 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{ensure, Context as _};
 use common::browser::Browser;
 use common::fixture::Tunnel;
 use common::relay::TestRelay;
+use common::secrets::{random_password, write_secret_file};
 use serde_json::{json, Value};
 
 /// The 403 message for Testers/QA, word for word.
@@ -39,31 +40,13 @@ const DESCRIBE: &str = "JSON.stringify({state: document.getElementById('state').
     message: document.getElementById('message').textContent, \
     session: document.body.dataset.sessionState, url: location.pathname})";
 
-fn write_file(dir: &Path, name: &str, contents: &str) -> anyhow::Result<PathBuf> {
-    use std::os::unix::fs::PermissionsExt as _;
-    let path = dir.join(name);
-    std::fs::write(&path, format!("{contents}\n"))?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(path)
-}
-
-/// A random password of letters and digits.
-fn random_password() -> String {
-    use rand::Rng as _;
-    const CHARS: &[u8] = b"abcdefghijkmnopqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789";
-    let mut rng = rand::thread_rng();
-    (0..24)
-        .map(|_| char::from(CHARS[rng.gen_range(0..CHARS.len())]))
-        .collect()
-}
-
 /// An active `ssh` + `vnc` session (both to echo services) whose agent reports user
 /// `vagrant`, the SSH `password`, the VNC password `password` reversed, and [`HOST_KEY`].
 fn tunnel_with_login(relay: &TestRelay, dir: &Path, password: &str) -> anyhow::Result<Tunnel> {
-    let password_file = write_file(dir, "ssh-password", password)?;
+    let password_file = write_secret_file(dir, "ssh-password", password)?;
     let vnc_password: String = password.chars().rev().collect();
-    let vnc_password_file = write_file(dir, "vnc-password", &vnc_password)?;
-    let key_file = write_file(dir, "host_ed25519.pub", &format!("{HOST_KEY} root@vm"))?;
+    let vnc_password_file = write_secret_file(dir, "vnc-password", &vnc_password)?;
+    let key_file = write_secret_file(dir, "host_ed25519.pub", &format!("{HOST_KEY} root@vm"))?;
     Tunnel::builder()
         .service("vnc")
         .args([
@@ -110,11 +93,23 @@ fn in_dom(browser: &mut Browser, secret: &str) -> anyhow::Result<bool> {
     Ok(v == json!(true))
 }
 
+/// A relay that also serves the page alone on `--web-listen`, and that listener's base URL.
+fn relay_with_web_listener() -> anyhow::Result<(TestRelay, String)> {
+    let relay = TestRelay::start_with(|c| {
+        c.web_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+    })?;
+    let web = format!(
+        "http://{}",
+        relay.handle.info.web_addr.context("web listener")?
+    );
+    Ok((relay, web))
+}
+
 #[test]
 fn a_developer_sees_the_instructions_and_the_page_follows_the_session() -> anyhow::Result<()> {
     let relay = TestRelay::start()?;
     let dir = tempfile::tempdir()?;
-    let password = random_password();
+    let password = random_password(24);
     let tunnel = tunnel_with_login(&relay, dir.path(), &password)?;
     let id = tunnel.session.id.clone();
     let port = tunnel.port("ssh");
@@ -284,15 +279,9 @@ fn a_developer_sees_the_instructions_and_the_page_follows_the_session() -> anyho
 
 #[test]
 fn a_tester_gets_the_exact_message_and_no_password_on_the_web_listener() -> anyhow::Result<()> {
-    let relay = TestRelay::start_with(|c| {
-        c.web_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
-    })?;
-    let web = format!(
-        "http://{}",
-        relay.handle.info.web_addr.context("web listener")?
-    );
+    let (relay, web) = relay_with_web_listener()?;
     let dir = tempfile::tempdir()?;
-    let password = random_password();
+    let password = random_password(24);
     let tunnel = tunnel_with_login(&relay, dir.path(), &password)?;
     let id = tunnel.session.id.clone();
     let mut browser = Browser::start()?;
@@ -393,13 +382,7 @@ fn assert_secured(url: &str, headers: &reqwest::header::HeaderMap) {
 
 #[test]
 fn the_page_and_its_assets_carry_the_security_headers() -> anyhow::Result<()> {
-    let relay = TestRelay::start_with(|c| {
-        c.web_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
-    })?;
-    let web = format!(
-        "http://{}",
-        relay.handle.info.web_addr.context("web listener")?
-    );
+    let (relay, web) = relay_with_web_listener()?;
     let pending = relay.create(&["ssh"], None)?;
     for base in [relay.api.as_str(), web.as_str()] {
         let url = format!("{base}/access/{}", pending.id);
