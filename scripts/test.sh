@@ -34,6 +34,8 @@ declare -A APT_FOR=(
   [cc]=gcc                  # build scripts of C-backed crates (ring)
   [c++]=g++                 # libFuzzer, built by the fuzz targets' check below
   [chromium]=chromium       # headless browser for the access page (agent-client/tests/web_page.rs)
+  [etcd]=etcd-server        # cluster mode (agent-client/tests/cluster.rs)
+  [protoc]=protobuf-compiler  # builds etcd-client (the relay's `cluster` feature)
 )
 
 missing_pkgs=()
@@ -149,10 +151,11 @@ if ! command -v cargo >/dev/null 2>&1; then
   exit 127
 fi
 
-section "cargo build --workspace --all-targets --locked"
-cargo build --workspace --all-targets --locked
+# --all-features: the relay's `cluster` feature (etcd) is built and tested too.
+section "cargo build --workspace --all-targets --all-features --locked"
+cargo build --workspace --all-targets --all-features --locked
 
-section "cargo test --workspace --locked --no-fail-fast $*"
+section "cargo test --workspace --all-features --locked --no-fail-fast $*"
 status=0
 # The account some SSH tests log in to with a password (agent-client/tests/common/peers/
 # sshd.rs) is removed afterwards if this run created it.
@@ -160,7 +163,7 @@ e2e_user=porthole-e2e
 e2e_user_existed=0
 id "$e2e_user" >/dev/null 2>&1 && e2e_user_existed=1
 # --no-fail-fast: one failing test binary must not hide the results of the others.
-cargo test --workspace --locked --no-fail-fast "$@" || status=$?
+cargo test --workspace --all-features --locked --no-fail-fast "$@" || status=$?
 if [ "$e2e_user_existed" -eq 0 ] && id "$e2e_user" >/dev/null 2>&1; then
   ${SUDO[@]+"${SUDO[@]}"} userdel --remove "$e2e_user" 2>/dev/null \
     || echo "WARNING: could not remove the test account $e2e_user (userdel --remove $e2e_user)" >&2

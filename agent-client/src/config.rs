@@ -13,7 +13,8 @@ pub const MAX_WARM: usize = 8;
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct AgentConfig {
-    /// The relay's agent endpoint, HOST:PORT.
+    /// The relay's agent endpoint, HOST:PORT; a relay cluster: several, comma-separated
+    /// (tried in order, starting after one that failed), or a name with several addresses.
     #[arg(long, env = "PORTHOLE_RELAY", required = true)]
     pub relay: Option<String>,
     /// Join token from the relay's API (keep it out of build logs: prefer the variable).

@@ -65,7 +65,7 @@ pub async fn run(
     signals: &mut Signals,
     registered_at: &mut Option<Instant>,
 ) -> Result<LinkEnd, AgentError> {
-    let tls = ctx.dialer.dial().await?;
+    let tls = ctx.dialer.dial_control().await?;
     let mut framed = Framed::new(tls, MessageCodec);
     let auth = match creds.clone() {
         Credentials::Join(token) => HelloAuth::Join { token },
@@ -79,6 +79,7 @@ pub async fn run(
         credentials: ctx.config.credentials.clone(),
         host_keys: ctx.config.host_keys.clone(),
         visitor_reports: true,
+        attach_elsewhere: true,
     };
     framed
         .send(hello)
@@ -117,7 +118,7 @@ pub async fn run(
                 .map(|secret| Pool {
                     session_id: session_id.clone(),
                     secret,
-                    route: plane,
+                    route: plane.clone(),
                     size: ctx.config.warm_connections,
                     idle: ctx.config.warm_idle,
                     login_reports: visitor_auth_reports.then(|| to_relay.clone()),
@@ -217,7 +218,13 @@ pub async fn run(
                 last_heard = Instant::now();
                 match frame {
                     Some(Ok(Message::Open { conn_id, service, secret })) => {
-                        let open = Open { session_id: session_id.clone(), conn_id, service, secret, route: plane, report_login: report_logins };
+                        let open = Open { session_id: session_id.clone(), conn_id, service, secret, route: plane.clone(), report_login: report_logins };
+                        ctx.tasks.spawn(visitor::serve(ctx.clone(), open, to_relay.clone()));
+                        Ok(())
+                    }
+                    // A relay cluster: the visitor waits on another node.
+                    Some(Ok(Message::OpenAt { conn_id, service, secret, relay })) => {
+                        let open = Open { session_id: session_id.clone(), conn_id, service, secret, route: DataRoute::TlsAt(relay), report_login: report_logins };
                         ctx.tasks.spawn(visitor::serve(ctx.clone(), open, to_relay.clone()));
                         Ok(())
                     }

@@ -99,7 +99,7 @@ pub struct Context {
 impl std::fmt::Debug for Context {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Context")
-            .field("relay", &self.config.relay)
+            .field("relays", &self.config.relays)
             .finish_non_exhaustive()
     }
 }
@@ -166,7 +166,7 @@ pub async fn run_with(
     let tls = porthole_protocol::tls::client_config(&config.trust)
         .map_err(|e| AgentError::Config(e.to_string()))?;
     let dialer = Dialer::new(
-        config.relay.clone(),
+        config.relays.clone(),
         &config.server_name,
         tls,
         config.connect_timeout,

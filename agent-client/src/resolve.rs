@@ -16,10 +16,9 @@ use crate::embedded_ssh::EmbeddedSsh;
 /// Settings checked and resolved.
 #[derive(Clone, Debug)]
 pub struct Resolved {
-    /// Relay endpoint, HOST:PORT.
-    pub relay: String,
-    /// The host part of `relay` (the data port of the `tcp` data plane is on it).
-    pub relay_host: String,
+    /// Relay endpoints, HOST:PORT each (one, or the nodes of a cluster), in the order
+    /// tried.
+    pub relays: Vec<String>,
     /// Name checked against the relay's certificate.
     pub server_name: String,
     /// Join token.
@@ -47,15 +46,31 @@ impl AgentConfig {
     pub fn resolve(&self) -> Result<Resolved, String> {
         let relay = self.relay.clone().ok_or("--relay HOST:PORT is required")?;
         let token = self.token.clone().ok_or("--token is required")?;
-        let (host, port) = relay
-            .rsplit_once(':')
-            .ok_or_else(|| format!("--relay `{relay}`: expected HOST:PORT"))?;
-        port.parse::<u16>()
-            .map_err(|_| format!("--relay `{relay}`: `{port}` is not a port"))?;
-        let host = host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_owned();
+        let relays: Vec<String> = relay
+            .split(',')
+            .map(str::trim)
+            .filter(|r| !r.is_empty())
+            .map(str::to_owned)
+            .collect();
+        if relays.is_empty() {
+            return Err(format!("--relay `{relay}`: expected HOST:PORT"));
+        }
+        let mut hosts = Vec::new();
+        for relay in &relays {
+            let (host, port) = relay
+                .rsplit_once(':')
+                .ok_or_else(|| format!("--relay `{relay}`: expected HOST:PORT"))?;
+            port.parse::<u16>()
+                .map_err(|_| format!("--relay `{relay}`: `{port}` is not a port"))?;
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            if host.is_empty() {
+                return Err(format!("--relay `{relay}`: expected HOST:PORT"));
+            }
+            hosts.push(host.to_owned());
+        }
+        // The nodes of a cluster share one certificate: the first host names it, unless
+        // --server-name says otherwise.
+        let host = hosts.swap_remove(0);
         let mut services = BTreeMap::new();
         for s in &self.services {
             if services.insert(s.service, s.target.clone()).is_some() {
@@ -88,9 +103,8 @@ impl AgentConfig {
             credentials,
             host_keys,
             embedded_ssh,
-            relay_host: host.clone(),
             server_name: self.server_name.clone().unwrap_or(host),
-            relay,
+            relays,
             token,
             services,
             trust,

@@ -37,10 +37,13 @@ pub struct Open {
 }
 
 /// Where a visitor's data connection goes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DataRoute {
     /// TLS to the agent endpoint.
     Tls,
+    /// TLS to another node of a relay cluster (its agent endpoint, HOST:PORT), where the
+    /// visitor waits.
+    TlsAt(String),
     /// Plain TCP to this port on the relay's host; forwarded with splice(2).
     Tcp(u16),
 }
@@ -187,7 +190,8 @@ pub async fn dial_data(
     let dialing = ctx.dials.acquire().await;
     let mut data = match route {
         DataRoute::Tcp(port) => {
-            let addr = (ctx.config.relay_host.as_str(), port);
+            // The data port of the node holding the control link.
+            let addr = (ctx.dialer.current_ip(), port);
             let data =
                 match tokio::time::timeout(ctx.config.connect_timeout, TcpStream::connect(addr))
                     .await
@@ -206,6 +210,10 @@ pub async fn dial_data(
             DataConn::Tcp(data)
         }
         DataRoute::Tls => match ctx.dialer.dial().await {
+            Ok(d) => DataConn::Tls(Box::new(d)),
+            Err(e) => return Err(format!("cannot open a data connection: {e}")),
+        },
+        DataRoute::TlsAt(relay) => match ctx.dialer.dial_at(&relay).await {
             Ok(d) => DataConn::Tls(Box::new(d)),
             Err(e) => return Err(format!("cannot open a data connection: {e}")),
         },

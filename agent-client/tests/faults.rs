@@ -73,6 +73,7 @@ fn hello(auth: HelloAuth) -> Message {
         credentials: vec![],
         host_keys: vec![],
         visitor_reports: false,
+        attach_elsewhere: false,
     }
 }
 

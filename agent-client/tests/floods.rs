@@ -121,6 +121,7 @@ fn peer_text_cannot_forge_a_log_line() -> anyhow::Result<()> {
                 credentials: vec![],
                 host_keys: vec![],
                 visitor_reports: false,
+                attach_elsewhere: false,
             })
             .await?;
         let answer = tokio::time::timeout(Duration::from_secs(10), framed.next()).await?;

@@ -202,6 +202,7 @@ fn bad_first_frames_get_typed_errors() -> anyhow::Result<()> {
         credentials: vec![],
         host_keys: vec![],
         visitor_reports: false,
+        attach_elsewhere: false,
     };
     expect_error(
         h.answer_to(hello)?,
@@ -277,6 +278,7 @@ fn bad_first_frames_get_typed_errors() -> anyhow::Result<()> {
             credentials: vec![],
             host_keys: vec![],
             visitor_reports: false,
+            attach_elsewhere: false,
         };
         let _ = framed.send(hello).await;
         let answer = tokio::time::timeout(Duration::from_secs(10), framed.next()).await?;

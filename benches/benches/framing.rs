@@ -29,6 +29,7 @@ fn messages() -> Vec<(&'static str, Message)> {
                         .into(),
                 ],
                 visitor_reports: true,
+                attach_elsewhere: false,
             },
         ),
         (

@@ -92,6 +92,7 @@ mod tests {
             credentials: vec![],
             host_keys: vec![],
             visitor_reports: true,
+            attach_elsewhere: false,
         });
         roundtrip(Message::Finish);
         roundtrip(Message::End);

@@ -209,6 +209,11 @@ pub enum Message {
         /// them only when this is true).
         #[serde(default)]
         visitor_reports: bool,
+        /// Whether the agent takes `open_at` (a relay cluster's visitor waiting on another
+        /// node; older agents do not: a cluster serves their visitors on the node holding
+        /// their link only).
+        #[serde(default)]
+        attach_elsewhere: bool,
     },
     /// Relay → agent: the control connection is registered.
     Registered {
@@ -259,6 +264,20 @@ pub enum Message {
         service: Service,
         /// One-time secret the data connection presents in `attach`.
         secret: Secret,
+    },
+    /// Relay → agent (a relay cluster): like `open`, but the visitor waits on another node
+    /// of the cluster: attach the data connection to `relay`, that node's agent endpoint
+    /// (same certificate), instead of the node of this control link. Sent only to agents
+    /// that said `attach_elsewhere` in `hello`.
+    OpenAt {
+        /// Connection id, unique within the session.
+        conn_id: u64,
+        /// Which local service to dial.
+        service: Service,
+        /// One-time secret the data connection presents in `attach`.
+        secret: Secret,
+        /// The node's agent endpoint, HOST:PORT.
+        relay: String,
     },
     /// Agent → relay: the local service could not be reached; close the visitor.
     OpenFailed {
@@ -344,6 +363,7 @@ impl Message {
             Message::Registered { .. } => "registered",
             Message::Error { .. } => "error",
             Message::Open { .. } => "open",
+            Message::OpenAt { .. } => "open_at",
             Message::OpenFailed { .. } => "open_failed",
             Message::VisitorAuthenticated { .. } => "visitor_authenticated",
             Message::Attach { .. } => "attach",

@@ -56,6 +56,7 @@ fn message() -> impl Strategy<Value = Message> {
                     services,
                     host_keys: vec!["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAI test".into()],
                     visitor_reports: protocol_version % 2 == 0,
+                    attach_elsewhere: false,
                 }
             ),
         (

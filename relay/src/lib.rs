@@ -11,6 +11,8 @@
 //! - [`ops`]: bootstrap of the data dir (TLS certificate, admin token), the audit log,
 //!   aggregated refusals, Prometheus metrics.
 //! - [`shared`]: [`Relay`], the state all tasks share; TLS reload.
+//! - [`cluster`]: cluster mode on etcd (feature `cluster`): identity of the shared files,
+//!   node membership (lease), start-up; [`cluster::ClusterState`] in every build.
 //! - [`store`]: the durable side of sessions behind one seam ([`store::SessionStore`]):
 //!   records with versions, the embedded redb store, an in-memory one for tests.
 //! - [`session`]: lifecycle, node-local runtime, the registry of sessions, the operations
@@ -29,6 +31,7 @@
 #![allow(rustdoc::private_intra_doc_links)]
 
 pub mod api;
+pub(crate) mod cluster;
 pub mod config;
 pub mod edge;
 pub(crate) mod error;
@@ -51,6 +54,7 @@ use porthole_protocol::Secret;
 pub use shared::Relay;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
 
 /// What an operator needs to know after start.
 #[derive(Debug)]
@@ -151,6 +155,71 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, RelayError> {
     bound().map_err(|source| RelayError::Bind { addr, source })
 }
 
+/// What start-up keeps of joining a cluster until the relay exists.
+#[derive(Debug)]
+struct ClusterStart {
+    /// What the relay knows of the cluster.
+    state: Arc<cluster::ClusterState>,
+    /// The cluster secret (the peer link's bearer token).
+    #[cfg_attr(not(feature = "cluster"), allow(dead_code))]
+    secret: Secret,
+}
+
+/// The state store: the embedded one, or (cluster mode) etcd after joining the cluster.
+async fn open_store(
+    config: &RelayConfig,
+    boot: &ops::bootstrap::Bootstrap,
+    user_token_secret: &[u8],
+    tasks: &tokio_util::task::TaskTracker,
+    stopping: CancellationToken,
+) -> Result<(Arc<dyn store::SessionStore>, Option<ClusterStart>), RelayError> {
+    #[cfg(feature = "cluster")]
+    if config.cluster_mode() {
+        let shared = cluster::join::Shared {
+            admin_token: boot.admin_token.expose().as_bytes(),
+            user_token_secret,
+            tls_fingerprint: &boot.fingerprint,
+        };
+        let joined = cluster::join::join(config, shared, tasks, stopping).await?;
+        let start = ClusterStart {
+            state: joined.state,
+            secret: joined.secret,
+        };
+        return Ok((Arc::new(joined.store), Some(start)));
+    }
+    let _ = (boot, user_token_secret, tasks, stopping);
+    let store = store::RedbStore::open(&config.data_dir.join("state.redb"))?;
+    Ok((Arc::new(store), None))
+}
+
+/// Cluster mode: serves the peer link on `--peer-listen` and gives the relay its client.
+#[cfg(feature = "cluster")]
+async fn start_peer_link(
+    relay: &Arc<Relay>,
+    start: &ClusterStart,
+    tls: Arc<tokio_rustls::rustls::ServerConfig>,
+    fingerprint: &str,
+) -> Result<(), RelayError> {
+    let Some(addr) = relay.config.peer_listen else {
+        return Err(RelayError::Config(
+            "peer_listen: required in cluster mode".into(),
+        ));
+    };
+    let listener = bind(addr).await?;
+    let pin = porthole_protocol::tls::parse_pin(fingerprint)?;
+    let client = cluster::peer::PeerClient::new(relay, pin, start.secret.expose().to_owned())
+        .map_err(RelayError::Config)?;
+    let _ = start.state.peers.set(Arc::new(client));
+    relay.tasks.spawn(cluster::peer::serve(
+        relay.clone(),
+        listener,
+        TlsAcceptor::from(tls),
+        start.secret.hash(),
+    ));
+    tracing::info!(%addr, advertised = %start.state.advertise_peer, "peer link listening");
+    Ok(())
+}
+
 /// Prepares the data dir, binds the agent endpoint and the API, and starts serving.
 pub async fn start(config: RelayConfig) -> Result<RelayHandle, RelayError> {
     config.validate().map_err(RelayError::Config)?;
@@ -187,21 +256,26 @@ pub async fn start(config: RelayConfig) -> Result<RelayHandle, RelayError> {
     let audit = ops::audit::AuditLog::open(&audit_log_path)?;
     let metrics =
         ops::metrics::Metrics::new().map_err(|e| RelayError::Config(format!("metrics: {e}")))?;
-    let store = Arc::new(store::RedbStore::open(&config.data_dir.join("state.redb"))?);
+    let stopping = CancellationToken::new();
+    let tasks = tokio_util::task::TaskTracker::new();
+    let (store, cluster) = open_store(&config, &boot, &secret, &tasks, stopping.clone()).await?;
     let tls = shared::TlsFiles {
         resolver: boot.cert.clone(),
         cert_path: boot.cert_path.clone(),
         key_path: boot.key_path.clone(),
     };
-    let relay = Arc::new(Relay::new(
-        config,
-        boot.admin_token,
-        user_tokens,
-        audit,
-        metrics,
-        store,
-        tls,
-    ));
+    let relay = Arc::new(
+        Relay::new(
+            config,
+            boot.admin_token,
+            user_tokens,
+            audit,
+            metrics,
+            store,
+            tls,
+        )
+        .with_cluster(cluster.as_ref().map(|c| c.state.clone()), stopping, tasks),
+    );
     relay.metrics.set_data_plane(relay.config.data_plane);
     let mut data_addr = None;
     if relay.config.data_plane == porthole_protocol::DataPlane::Tcp {
@@ -225,7 +299,30 @@ pub async fn start(config: RelayConfig) -> Result<RelayHandle, RelayError> {
         )
         .await;
     });
+    #[cfg(feature = "cluster")]
+    if let Some(start) = &cluster {
+        start_peer_link(&relay, start, boot.tls.clone(), &boot.fingerprint).await?;
+    }
+    #[cfg(not(feature = "cluster"))]
+    let _ = &cluster;
+    #[cfg(feature = "cluster")]
+    let members_from = match &relay.cluster {
+        // Owners' liveness decides which sessions are connected: read the nodes first.
+        Some(cluster) => Some(cluster::members::load(cluster).await?.1 + 1),
+        None => None,
+    };
     let restored = relay.restore().await?;
+    if relay.cluster.is_some() {
+        relay.tasks.spawn(relay.clone().follow_store());
+    }
+    #[cfg(feature = "cluster")]
+    if let (Some(cluster), Some(from)) = (&relay.cluster, members_from) {
+        relay.tasks.spawn(cluster::members::follow(
+            relay.clone(),
+            cluster.clone(),
+            from,
+        ));
+    }
     if restored > 0 {
         tracing::info!(
             sessions = restored,

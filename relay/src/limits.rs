@@ -67,3 +67,16 @@ pub const MAX_VISITORS_PER_SESSION: usize = 1024;
 
 /// Most networks a session's `allow_cidrs` may list.
 pub const MAX_ALLOW_CIDRS: usize = 64;
+
+/// Longest wait for one etcd request (cluster mode): past it the operation fails with "etcd
+/// unavailable" (the API answers 503) instead of hanging.
+pub const ETCD_REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Longest wait for a TCP connection to an etcd endpoint.
+pub const ETCD_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Watch reconnection backoff (cluster mode): first wait, doubled up to the maximum.
+pub const ETCD_RETRY_MIN: Duration = Duration::from_millis(200);
+
+/// Longest wait between two attempts to re-establish a watch or a lease.
+pub const ETCD_RETRY_MAX: Duration = Duration::from_secs(5);

@@ -12,6 +12,7 @@ use crate::limits::{MAX_PENDING_VISITORS, MAX_PENDING_VISITORS_PER_IP};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::cluster::ClusterState;
 use crate::config::RelayConfig;
 use crate::edge::visitor::ports::PortPool;
 use crate::ops::audit::AuditLog;
@@ -85,6 +86,8 @@ pub struct Relay {
     pub refusals: RefusalLog,
     /// Every spawned task, so shutdown can wait for them.
     pub tasks: TaskTracker,
+    /// The cluster this node belongs to (cluster mode only).
+    pub cluster: Option<Arc<ClusterState>>,
 }
 
 impl Relay {
@@ -118,6 +121,21 @@ impl Relay {
             pending_visitors_per_ip: PerIpLimit::new(MAX_PENDING_VISITORS_PER_IP),
             refusals: RefusalLog::default(),
             tasks: TaskTracker::new(),
+            cluster: None,
         }
+    }
+
+    /// The relay as a node of `cluster` (None: a single node), with the shutdown signal and
+    /// the task tracker that start-up already handed to the cluster's own tasks.
+    pub fn with_cluster(
+        mut self,
+        cluster: Option<Arc<ClusterState>>,
+        stopping: CancellationToken,
+        tasks: TaskTracker,
+    ) -> Self {
+        self.cluster = cluster;
+        self.stopping = stopping;
+        self.tasks = tasks;
+        self
     }
 }

@@ -142,8 +142,14 @@ fn the_commented_examples_load_when_uncommented() -> Result<()> {
         })
         .collect::<Vec<_>>()
         .join("\n");
-    let table: toml::Table = toml::from_str(&uncommented)?;
+    let mut table: toml::Table = toml::from_str(&uncommented)?;
     ensure!(table.len() == settings.len(), "every setting once");
+    let mut uncommented = uncommented;
+    if !cfg!(feature = "cluster") {
+        // A relay built without cluster support refuses etcd endpoints (a test of its own).
+        table.remove("etcd_endpoints");
+        uncommented = toml::to_string(&table)?;
+    }
     let dir = tempfile::tempdir()?;
     let path = write(&dir, &uncommented)?;
     let config = load(&matches(&[]), Some(&path)).map_err(anyhow::Error::msg)?;

@@ -165,8 +165,7 @@ async fn scrape_after_scenario() -> Result<BTreeMap<String, Family>> {
     let port = common::ports(&session)?[0];
     let proxy = Proxy::start(relay.handle.info.agent_addr).await?;
     let config = Resolved {
-        relay: proxy.addr.to_string(),
-        relay_host: proxy.addr.ip().to_string(),
+        relays: vec![proxy.addr.to_string()],
         server_name: "localhost".into(),
         token: Secret::new(str_field(&session, "join_token")?),
         services: BTreeMap::from([(Service::Ssh, Target::Dial(echo().await?.to_string()))]),

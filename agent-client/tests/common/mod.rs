@@ -1,6 +1,7 @@
 //! Shared harness for the end-to-end tests: an in-process relay ([`relay`]), the real agent
 //! binary ([`agent`]; detached as a build step: [`detached`]), a TCP proxy that can cut the agent's link ([`proxy`]), a TCP echo
 //! service ([`echo`]), a fake agent speaking the protocol ([`raw`]), real OpenSSH / TigerVNC peers ([`peers`]),
+//! relay nodes of one cluster on a real etcd ([`cluster`]),
 //! and headless Chromium over the DevTools protocol ([`browser`]); `/metrics` scrapes ([`scrape`])
 //! and test secrets ([`secrets`]).
 //! Most tests start with [`fixture::Tunnel`]: a session whose agent registered and forwards
@@ -10,6 +11,7 @@
 
 pub mod agent;
 pub mod browser;
+pub mod cluster;
 pub mod detached;
 pub mod echo;
 pub mod fixture;

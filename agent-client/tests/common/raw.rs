@@ -52,6 +52,7 @@ pub async fn hello_reporting(
         credentials,
         host_keys: vec![],
         visitor_reports,
+        attach_elsewhere: false,
     };
     framed.send(hello).await?;
     let answer = tokio::time::timeout(Duration::from_secs(10), framed.next()).await?;

@@ -28,11 +28,10 @@ pub fn binary() -> anyhow::Result<PathBuf> {
     Ok(relay)
 }
 
-/// A free loopback port (bound and released).
+/// A free loopback port (see [`super::peers::tools::free_port`]: never from the ephemeral
+/// range, so a relay restarted on it finds it free again).
 pub fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    super::peers::tools::free_port()
 }
 
 /// A loopback port where connections are refused, reserved for as long as the returned
@@ -55,6 +54,9 @@ pub struct RelaySetup {
     pub api_port: u16,
     /// Public port range.
     pub range: String,
+    /// The loopback address it listens on (agent endpoint, API, public ports); cluster
+    /// tests give each node its own (127.0.0.2, ...).
+    pub ip: std::net::Ipv4Addr,
 }
 
 impl RelaySetup {
@@ -66,6 +68,7 @@ impl RelaySetup {
             agent_port: free_port()?,
             api_port: free_port()?,
             range: format!("{base}-{}", base + 19),
+            ip: std::net::Ipv4Addr::LOCALHOST,
         })
     }
 
@@ -99,9 +102,17 @@ impl RelaySetup {
         let mut child = Command::new(binary()?)
             .arg("--data-dir")
             .arg(self.data.path())
-            .args(["--agent-listen", &format!("127.0.0.1:{}", self.agent_port)])
-            .args(["--api-listen", &format!("127.0.0.1:{}", self.api_port)])
-            .args(["--public-host", "127.0.0.1", "--public-bind", "127.0.0.1"])
+            .args([
+                "--agent-listen",
+                &format!("{}:{}", self.ip, self.agent_port),
+            ])
+            .args(["--api-listen", &format!("{}:{}", self.ip, self.api_port)])
+            .args([
+                "--public-host",
+                "127.0.0.1",
+                "--public-bind",
+                &self.ip.to_string(),
+            ])
             .args(["--port-range", &self.range, "--heartbeat-interval", "1s"])
             .args(extra)
             .env("RUST_LOG", filter)
@@ -123,7 +134,7 @@ impl RelaySetup {
         let mut process = RelayProcess {
             child,
             pin: String::new(),
-            api: format!("http://127.0.0.1:{}", self.api_port),
+            api: format!("http://{}:{}", self.ip, self.api_port),
         };
         while pin.is_none() {
             let line = rx

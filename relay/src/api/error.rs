@@ -84,6 +84,11 @@ impl From<RelayError> for ApiError {
                 code: "ports_exhausted",
                 message: e.to_string(),
             },
+            RelayError::Store(crate::store::StoreError::Unavailable(_)) => Self {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                code: "store_unavailable",
+                message: format!("{e}; live sessions keep working, retry this request later"),
+            },
             other => {
                 tracing::error!(error = %other, "API request failed");
                 Self {

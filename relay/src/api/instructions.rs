@@ -111,7 +111,7 @@ pub async fn instructions(
     headers: HeaderMap,
 ) -> Response {
     let source_ip = peer.ip().to_canonical();
-    let result = serve(&relay, &roles, &id, &headers);
+    let result = serve(&relay, &roles, &id, &headers).await;
     // Only ids of the issued shape reach the audit log; anything else is a placeholder.
     let id = if valid_session_id(&id) {
         id
@@ -168,7 +168,7 @@ pub async fn instructions(
 /// A refusal and the claims of the token, when it was valid (for the audit log).
 type Denied = Box<(ApiError, Option<UserClaims>)>;
 
-fn serve(
+async fn serve(
     relay: &Relay,
     roles: &RolePolicy,
     id: &str,
@@ -202,11 +202,53 @@ fn serve(
             "this user token is for another app",
         )));
     }
-    let answer = build(&session).map_err(deny)?;
+    let remote = owner_access(relay, &session).await.map_err(deny)?;
+    let answer = build(&session, remote).map_err(deny)?;
     Ok((answer, claims))
 }
 
-fn build(session: &Session) -> Result<Instructions, ApiError> {
+/// Cluster mode: the login details of a session whose agent another node holds, asked of
+/// that node over the peer link (they are never stored in etcd), and checked again here.
+/// None when this node holds them itself, or nobody does.
+async fn owner_access(relay: &Relay, session: &Session) -> Result<Option<Access>, ApiError> {
+    let Some(cluster) = relay.cluster.as_ref() else {
+        return Ok(None);
+    };
+    let owner = {
+        let inner = session.lock();
+        if inner.link.is_some() || inner.access.is_some() || !inner.life.accepts_visitors() {
+            return Ok(None);
+        }
+        match &inner.owner {
+            Some(owner) if *owner != cluster.node_name && cluster.members.alive(owner) => {
+                owner.clone()
+            }
+            _ => return Ok(None),
+        }
+    };
+    let unavailable = |why: String| {
+        tracing::warn!(session_id = %session.id, owner = %owner, error = %why, "cannot fetch the session's login details from its node");
+        ApiError {
+            status: axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            code: "owner_unavailable",
+            message: "the relay node connected to this build machine did not answer: retry in a few seconds".into(),
+        }
+    };
+    let peers = cluster
+        .peers
+        .get()
+        .cloned()
+        .ok_or_else(|| unavailable("no peer link".into()))?;
+    let got = peers
+        .access(&owner, &session.id)
+        .await
+        .map_err(unavailable)?;
+    Access::from_hello(got.credentials, got.host_keys)
+        .map(Some)
+        .map_err(|e| unavailable(format!("bad login details from node {owner}: {e}")))
+}
+
+fn build(session: &Session, remote: Option<Access>) -> Result<Instructions, ApiError> {
     let inner = session.lock();
     let life = &inner.life;
     match life.state() {
@@ -220,7 +262,7 @@ fn build(session: &Session) -> Result<Instructions, ApiError> {
         }
         _ => {}
     }
-    let access = inner.access.clone().unwrap_or_default();
+    let access = remote.or_else(|| inner.access.clone()).unwrap_or_default();
     let endpoint = |service| session.endpoints.iter().find(|e| e.service == service);
     Ok(Instructions {
         session_id: session.id.clone(),

@@ -3,8 +3,11 @@
 //!
 //! - this module: [`RelayConfig`], its defaults and derived paths;
 //! - `validate`: per-key checks ([`InvalidSetting`]) and warnings (ephemeral port range);
-//! - `port_range`: the [`PortRange`] type (`LO-HI`).
+//! - `port_range`: the [`PortRange`] type (`LO-HI`);
+//! - `cluster`: checks of the cluster settings (etcd endpoints, node name, advertised
+//!   agent endpoint, lease TTL).
 
+mod cluster;
 pub mod file;
 mod port_range;
 mod validate;
@@ -162,6 +165,31 @@ pub struct RelayConfig {
     /// Address of the plain-TCP data port, used only with `--data-plane tcp`.
     #[arg(long, env = "PORTHOLE_DATA_LISTEN", default_value = "0.0.0.0:7444")]
     pub data_listen: SocketAddr,
+    /// etcd endpoints (`http://HOST:PORT`, comma-separated): switches the relay to cluster
+    /// mode, sharing sessions with every node on the same etcd [default: none; one node on
+    /// the embedded store]. Needs a relay built with `--features cluster`.
+    #[arg(long, env = "PORTHOLE_ETCD_ENDPOINTS", value_delimiter = ',')]
+    pub etcd_endpoints: Vec<String>,
+    /// This node's name in the cluster, unique among its nodes [default: the hostname].
+    #[arg(long, env = "PORTHOLE_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// This node's own agent endpoint, `HOST:PORT`, as agents reach it (cluster mode)
+    /// [default: --agent-listen when it names an address].
+    #[arg(long, env = "PORTHOLE_ADVERTISE_AGENT")]
+    pub advertise_agent: Option<String>,
+    /// Address of the node-to-node link (cluster mode; TLS with the relay's certificate,
+    /// authenticated with DATA_DIR/cluster.secret). Keep it on a private network.
+    #[arg(long, env = "PORTHOLE_PEER_LISTEN")]
+    pub peer_listen: Option<SocketAddr>,
+    /// This node's peer address, `HOST:PORT`, as the other nodes reach it [default:
+    /// --peer-listen when it names an address].
+    #[arg(long, env = "PORTHOLE_ADVERTISE_PEER")]
+    pub advertise_peer: Option<String>,
+    /// How long a cluster node that stopped renewing its etcd lease stays a member: after
+    /// it, its sessions lose their owner and their agents resume on another node.
+    #[arg(long, env = "PORTHOLE_NODE_LEASE_TTL", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub node_lease_ttl: Duration,
 }
 
 /// How log lines are written.
@@ -216,6 +244,12 @@ impl Default for RelayConfig {
             log_format: LogFormat::Text,
             data_plane: porthole_protocol::DataPlane::Tls,
             data_listen: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 7444)),
+            etcd_endpoints: Vec::new(),
+            node_name: None,
+            advertise_agent: None,
+            peer_listen: None,
+            advertise_peer: None,
+            node_lease_ttl: Duration::from_secs(10),
         }
     }
 }
@@ -233,6 +267,36 @@ impl RelayConfig {
         self.user_token_secret_file
             .clone()
             .unwrap_or_else(|| self.data_dir.join("user-token.secret"))
+    }
+
+    /// Whether the relay runs as a node of a cluster (etcd endpoints set).
+    pub fn cluster_mode(&self) -> bool {
+        !self.etcd_endpoints.is_empty()
+    }
+
+    /// This node's name: the setting, or this machine's hostname.
+    pub fn node_name(&self) -> String {
+        self.node_name
+            .clone()
+            .unwrap_or_else(|| gethostname::gethostname().to_string_lossy().into_owned())
+    }
+
+    /// This node's agent endpoint as agents reach it: the setting, or `--agent-listen` when
+    /// it names an address (None: it does not, and the setting is required).
+    pub fn advertise_agent(&self) -> Option<String> {
+        self.advertise_agent.clone().or_else(|| {
+            (!self.agent_listen.ip().is_unspecified()).then(|| self.agent_listen.to_string())
+        })
+    }
+
+    /// This node's peer address as the other nodes reach it: the setting, or
+    /// `--peer-listen` when it names an address.
+    pub fn advertise_peer(&self) -> Option<String> {
+        self.advertise_peer.clone().or_else(|| {
+            self.peer_listen
+                .filter(|a| !a.ip().is_unspecified())
+                .map(|a| a.to_string())
+        })
     }
 
     /// The audit log path (`-`: stdout).

@@ -46,7 +46,8 @@ impl RelayConfig {
     pub fn check(&self) -> Result<(), InvalidSetting> {
         self.check_durations()?;
         self.check_limits()?;
-        self.check_names()
+        self.check_names()?;
+        self.check_cluster()
     }
 
     fn check_durations(&self) -> Result<(), InvalidSetting> {
@@ -233,7 +234,7 @@ pub struct InvalidSetting {
 }
 
 impl InvalidSetting {
-    fn new(key: &'static str, problem: impl Into<String>) -> Self {
+    pub(super) fn new(key: &'static str, problem: impl Into<String>) -> Self {
         Self {
             key,
             problem: problem.into(),

@@ -55,6 +55,16 @@ pub enum AuditEvent {
         /// The agent's address.
         agent_ip: IpAddr,
     },
+    /// Cluster mode: the agent resumed on this node after another node held its link (that
+    /// node died, or the agent's link to it broke).
+    SessionRehomed {
+        /// Session.
+        session_id: String,
+        /// The node that held the link before.
+        from_node: String,
+        /// This node.
+        to_node: String,
+    },
     /// The build finished; the grace period started.
     SessionFinished {
         /// Session.

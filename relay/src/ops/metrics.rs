@@ -58,8 +58,24 @@ pub struct Metrics {
     /// `porthole_warm_connections`: agents' data connections parked, waiting for a visitor.
     pub warm_parked: IntGauge,
     /// `porthole_visitor_pairings_total{how="warm|cold"}`: visitors paired with a parked data
-    /// connection, or with one the agent dialed on request.
+    /// connection, or with one the agent dialed on request; `remote`: through another
+    /// node of a cluster.
     pub pairings: IntCounterVec,
+    /// `porthole_cluster_peer_requests_total{request="open|access",direction="in|out"}`:
+    /// requests on the node-to-node link (cluster mode).
+    pub peer_requests: IntCounterVec,
+    /// `porthole_cluster_nodes`: live nodes of this node's cluster (0 on a single node).
+    pub cluster_nodes: IntGauge,
+    /// `porthole_cluster_etcd_up`: 1 while etcd answers this node (cluster mode only).
+    pub cluster_etcd_up: IntGauge,
+    /// `porthole_cluster_sessions_owned`: sessions whose agent link this node holds.
+    pub cluster_sessions_owned: IntGauge,
+}
+
+fn gauge(r: &Registry, name: &str, help: &str) -> prometheus::Result<IntGauge> {
+    let m = IntGauge::new(name, help)?;
+    r.register(Box::new(m.clone()))?;
+    Ok(m)
 }
 
 fn gauge_vec(
@@ -171,8 +187,29 @@ impl Metrics {
             pairings: counter_vec(
                 &r,
                 "porthole_visitor_pairings_total",
-                "Visitors paired with a warm (parked) or cold (dialed on request) data connection",
+                "Visitors paired with a warm (parked) or cold (dialed on request) data connection, or through another cluster node (remote)",
                 &["how"],
+            )?,
+            peer_requests: counter_vec(
+                &r,
+                "porthole_cluster_peer_requests_total",
+                "Requests on the node-to-node link of a cluster",
+                &["request", "direction"],
+            )?,
+            cluster_nodes: gauge(
+                &r,
+                "porthole_cluster_nodes",
+                "Live nodes of this node's cluster (0 on a single node)",
+            )?,
+            cluster_etcd_up: gauge(
+                &r,
+                "porthole_cluster_etcd_up",
+                "1 while etcd answers this cluster node",
+            )?,
+            cluster_sessions_owned: gauge(
+                &r,
+                "porthole_cluster_sessions_owned",
+                "Sessions whose agent link this cluster node holds",
             )?,
             sessions_revoked: counter_vec(
                 &r,
@@ -230,8 +267,13 @@ impl Metrics {
         for kind in ["join", "resume"] {
             self.registrations.with_label_values(&[kind]);
         }
-        for how in ["warm", "cold"] {
+        for how in ["warm", "cold", "remote"] {
             self.pairings.with_label_values(&[how]);
+        }
+        for request in ["open", "access"] {
+            for direction in ["in", "out"] {
+                self.peer_requests.with_label_values(&[request, direction]);
+            }
         }
         let codes = [
             ErrorCode::VersionMismatch,

@@ -29,6 +29,9 @@ use futures_util::future::BoxFuture;
 use porthole_protocol::secret::SecretHash;
 use porthole_protocol::time::to_unix_ms;
 
+/// How many port picks a create tries when other nodes of the cluster hold the picked ports.
+pub const CREATE_ATTEMPTS: usize = 8;
+
 /// What the API asks for when it creates a session.
 #[derive(Clone, Debug)]
 pub struct NewSession {
@@ -61,6 +64,8 @@ pub struct AgentOffer {
     pub ip: IpAddr,
     /// Whether it takes `visitors` reports.
     pub visitor_reports: bool,
+    /// Whether it takes `open_at` (cluster: visitors waiting on other nodes).
+    pub attach_elsewhere: bool,
 }
 
 /// What [`Relay::claim_link`] took under the session lock.
@@ -87,6 +92,8 @@ struct Claimed {
     ),
     /// The queued write.
     saved: BoxFuture<'static, Result<(), StoreError>>,
+    /// Cluster mode: the node that held the agent's link before this resume, if another.
+    rehomed_from: Option<String>,
 }
 
 /// A registered agent link.
@@ -111,21 +118,44 @@ pub struct Registration {
 impl Relay {
     /// Creates a session: binds its public ports, makes it durable, and activates it on this
     /// node. The ports go back to the pool if the session cannot be stored.
+    ///
+    /// In a cluster the store also reserves the ports cluster-wide; ports another node's
+    /// session holds (or is cooling) are set aside here for a cooldown and others are
+    /// tried, up to [`CREATE_ATTEMPTS`] times.
     pub async fn create_session(
         self: &Arc<Self>,
         req: NewSession,
     ) -> Result<(Arc<Session>, Secret), RelayError> {
-        let listeners = self.pool.allocate(req.services.len())?;
-        let ports: Vec<u16> = listeners.iter().map(|(p, _)| *p).collect();
-        match self.store_new_session(req, &ports).await {
-            Ok((session, join_token)) => {
-                self.activate(&session, listeners);
-                Ok((session, join_token))
-            }
-            Err(e) => {
-                drop(listeners);
-                self.pool.release_now(&ports);
-                Err(e)
+        let mut attempt = 1;
+        loop {
+            let listeners = self.pool.allocate(req.services.len())?;
+            let ports: Vec<u16> = listeners.iter().map(|(p, _)| *p).collect();
+            match self.store_new_session(req.clone(), &ports).await {
+                Ok((session, join_token)) => {
+                    self.activate(&session, listeners);
+                    return Ok((session, join_token));
+                }
+                Err(e) => {
+                    drop(listeners);
+                    let taken = match &e {
+                        RelayError::Store(StoreError::PortsTaken(taken)) => taken.clone(),
+                        _ => Vec::new(),
+                    };
+                    let free: Vec<u16> = ports
+                        .iter()
+                        .copied()
+                        .filter(|p| !taken.contains(p))
+                        .collect();
+                    self.pool.release_now(&free);
+                    if taken.is_empty() || attempt >= CREATE_ATTEMPTS {
+                        self.pool.release_now(&taken);
+                        return Err(e);
+                    }
+                    // Held elsewhere in the cluster: not offered again for a cooldown (this
+                    // node binds them once it hears of the session that holds them).
+                    self.pool.release(&taken);
+                    attempt += 1;
+                }
             }
         }
     }
@@ -174,9 +204,14 @@ impl Relay {
         let life = Lifecycle::new(SystemTime::now(), settings);
         let session = Arc::new(Session::new(spec, life, self.cancel.child_token()));
         // Durable before the API answers.
+        self.sessions.reserve(&id);
         let saved = self.save(&session, &mut session.lock());
-        saved.await?;
+        if let Err(e) = saved.await {
+            self.sessions.unreserve(&id);
+            return Err(e.into());
+        }
         self.sessions.insert(session.clone());
+        self.sessions.unreserve(&id);
         tracing::info!(session_id = %id, build_id = %session.build_id, app_id = %session.app_id,
             ports = ?session.ports(), "session created");
         self.metrics.sessions_created.inc();
@@ -262,6 +297,7 @@ impl Relay {
             park_secret,
             before,
             saved,
+            rehomed_from,
         } = self.claim_link(&session, agent, resume)?;
         if let Err(e) = saved.await {
             tracing::error!(session_id = %session.id, error = %e, "cannot save the registration");
@@ -269,6 +305,7 @@ impl Relay {
                 let mut inner = session.lock();
                 if inner.link.as_ref().is_some_and(|l| l.id == link.id) {
                     inner.link = None;
+                    inner.owner = None;
                     let (pending, confirmed, joined, down_since, access);
                     (pending, confirmed, joined, down_since, access) = before;
                     inner.durable.pending_resume_hash = pending;
@@ -288,6 +325,14 @@ impl Relay {
         let kind = if resume { "resume" } else { "join" };
         self.metrics.registrations.with_label_values(&[kind]).inc();
         let (session_id, agent_ip) = (session.id.clone(), agent.ip);
+        if let (Some(from_node), Some(to_node)) = (rehomed_from, self.node_name()) {
+            tracing::info!(session_id = %session.id, from = %from_node, "the session's agent resumed on this node");
+            self.audit.record(AuditEvent::SessionRehomed {
+                session_id: session.id.clone(),
+                from_node,
+                to_node: to_node.to_owned(),
+            });
+        }
         self.audit.record(if resume {
             AuditEvent::SessionResumed {
                 session_id,
@@ -338,6 +383,12 @@ impl Relay {
         {
             return Err(Refusal::Busy(session.id.clone()));
         }
+        // In a cluster, another live node may hold the agent's link.
+        if let (Some(cluster), Some(owner)) = (&self.cluster, &inner.owner) {
+            if *owner != cluster.node_name && cluster.members.alive(owner) {
+                return Err(Refusal::Busy(session.id.clone()));
+            }
+        }
         let (tx, rx) = mpsc::channel(CONTROL_QUEUE);
         let park_secret = Secret::generate("php_");
         let (visitor_count, count_rx) = if agent.visitor_reports {
@@ -353,6 +404,7 @@ impl Relay {
             park_hash: park_secret.hash(),
             ip: agent.ip,
             visitor_count: visitor_count.map(Arc::new),
+            attach_elsewhere: agent.attach_elsewhere,
         };
         let resume_secret = Secret::generate("phr_");
         let before = (
@@ -372,6 +424,15 @@ impl Relay {
         // The link is taken now (a second agent meanwhile is `session_busy`); the new resume
         // secret is durable before the agent hears `registered`.
         inner.link = Some(link.clone());
+        let me = self.node_name().map(str::to_owned);
+        inner.owner = me.clone();
+        let rehomed_from = match me {
+            Some(me) => inner
+                .last_owner
+                .replace(me.clone())
+                .filter(|before| resume && *before != me),
+            None => None,
+        };
         inner.access = Some(agent.access.clone());
         let saved = self.save(session, &mut inner);
         Ok(Claimed {
@@ -382,6 +443,7 @@ impl Relay {
             park_secret,
             before,
             saved,
+            rehomed_from,
         })
     }
 
@@ -494,10 +556,65 @@ impl Relay {
         tracing::info!(session_id = %session.id, reason = ?reason, "session revoked: {}", reason.describe());
     }
 
+    /// Whether this node decides for `session` (writes its deadline revocation): on a
+    /// single node always; in a cluster, the node holding the agent's link, or, for a
+    /// session whose owner is gone, the cluster's sweeper. The others only cut it
+    /// locally ([`Relay::revoke_here`]) and hear the decision from the store.
+    pub fn decides(&self, session: &Session) -> bool {
+        let Some(cluster) = &self.cluster else {
+            return true;
+        };
+        let inner = session.lock();
+        match &inner.owner {
+            Some(owner) if cluster.members.alive(owner) => *owner == cluster.node_name,
+            _ => cluster.members.sweeper() == cluster.node_name,
+        }
+    }
+
+    /// Cuts `session` on this node only (cluster mode: another node decided, or decides,
+    /// its revocation): ports close, the link and visitors end. Nothing is written or
+    /// audited here. `reason`: revoke the lifecycle too (None: already revoked).
+    pub fn revoke_here(&self, session: &Session, reason: Option<RevokeReason>) {
+        {
+            let mut inner = session.lock();
+            if let Some(reason) = reason {
+                if !inner.life.revoke(reason, SystemTime::now()) {
+                    return;
+                }
+            }
+            inner.access = None;
+        }
+        session.cancel.cancel();
+        self.pool.release(&session.ports());
+        session.changed.notify_one();
+        tracing::info!(session_id = %session.id, "session revoked (decided by the cluster)");
+    }
+
+    /// The agent's link ended on this node ([`Session::link_lost`] returned true): in a
+    /// cluster, the record says so (no owner, link down since now), so every node starts
+    /// the resume window, and another node may take the agent.
+    pub fn link_ended(&self, session: &Arc<Session>) {
+        if self.cluster.is_none() {
+            return;
+        }
+        let saved = {
+            let mut inner = session.lock();
+            if inner.life.revoked.is_some() || inner.link.is_some() {
+                return;
+            }
+            self.save(session, &mut inner)
+        };
+        self.save_in_background(session, saved, "lost agent link");
+    }
+
     /// Forgets a revoked session (after its retention).
     pub fn purge(&self, session: &Arc<Session>) {
         if session.lock().life.state() == SessionState::Revoked {
             self.sessions.remove(session);
+            if !self.decides(session) {
+                // Another node of the cluster removes it from the store.
+                return;
+            }
             let removed = self.store.remove(&session.id);
             let session_id = session.id.clone();
             self.tasks.spawn(async move {
@@ -512,7 +629,12 @@ impl Relay {
 /// Tells the agent on `link` (if connected) the session's deadline, without waiting: a full
 /// queue drops the update (the agent hears the next one, and the relay enforces the deadline
 /// either way).
-fn tell_deadline(session: &Session, link: Option<Link>, deadline: SystemTime, finishing: bool) {
+pub(crate) fn tell_deadline(
+    session: &Session,
+    link: Option<Link>,
+    deadline: SystemTime,
+    finishing: bool,
+) {
     let Some(link) = link else { return };
     let msg = Message::Deadline {
         deadline_unix_ms: to_unix_ms(deadline),

@@ -164,6 +164,7 @@ fn agent() -> AgentOffer {
         access: Access::default(),
         ip: IpAddr::from([127, 0, 0, 1]),
         visitor_reports: false,
+        attach_elsewhere: false,
     }
 }
 

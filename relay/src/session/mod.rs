@@ -15,6 +15,8 @@
 //! - [`refusal`]: why an agent's registration is refused (typed, with its error code).
 //! - [`persist`]: sessions to and from the store (written before a peer is told; restored on
 //!   start).
+//! - [`mirror`]: cluster mode: applying the records other nodes write (adopt, update,
+//!   revoke here, forget; a dead owner's sessions wait for their agents).
 //! - [`supervisor`]: the per-session task that enforces deadlines.
 
 pub mod access;
@@ -23,6 +25,7 @@ pub mod actions;
 mod actions_tests;
 pub mod data_conn;
 pub mod lifecycle;
+pub mod mirror;
 pub mod persist;
 pub mod refusal;
 pub mod registry;

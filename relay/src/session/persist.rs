@@ -24,13 +24,24 @@ impl Relay {
         session: &Session,
         inner: &mut SessionInner,
     ) -> BoxFuture<'static, Result<(), StoreError>> {
-        save(&self.store, session, inner)
+        let owner = owner_field(self.node_name(), inner);
+        save(&self.store, session, inner, owner)
+    }
+
+    /// This node's name in its cluster (None: a single node).
+    pub fn node_name(&self) -> Option<&str> {
+        self.cluster.as_ref().map(|c| c.node_name.as_str())
     }
 
     /// After a failed write: the next write goes on top of what the store holds, so a lost
     /// write does not make every later one conflict.
     pub async fn resync_version(&self, session: &Session) {
-        resync_version(&self.store, session).await;
+        if self.cluster.is_some() {
+            // Another node may have written more than the version: take all of it.
+            self.refresh(session).await;
+        } else {
+            resync_version(&self.store, session).await;
+        }
     }
 
     /// Awaits a queued write in the background (for changes that stand in memory whatever
@@ -43,13 +54,26 @@ impl Relay {
         what: &'static str,
     ) {
         let (store, session) = (self.store.clone(), session.clone());
+        let node = self.node_name().map(str::to_owned);
         self.tasks.spawn(async move {
             let Err(e) = saved.await else { return };
             tracing::warn!(session_id = %session.id, error = %e, "cannot save the {what}; retrying once");
-            if !resync_version(&store, &session).await {
-                return tracing::error!(session_id = %session.id, "cannot save the {what}");
+            let stored = match store.get(&session.id).await {
+                Ok(stored) => stored,
+                Err(e) => {
+                    return tracing::error!(session_id = %session.id, error = %e, "cannot save the {what}");
+                }
+            };
+            session.lock().durable.version = stored.as_ref().map_or(0, |r| r.version);
+            if stored.is_some_and(|r| r.revoked.is_some()) {
+                // Another node of the cluster revoked it first: its write stands.
+                return;
             }
-            let retried = save(&store, &session, &mut session.lock());
+            let retried = {
+                let mut inner = session.lock();
+                let owner = owner_field(node.as_deref(), &inner);
+                save(&store, &session, &mut inner, owner)
+            };
             if let Err(e) = retried.await {
                 tracing::error!(session_id = %session.id, error = %e, "cannot save the {what}");
             }
@@ -62,6 +86,9 @@ impl Relay {
     /// their retention ends and their ports finish cooling down. Returns how many sessions
     /// are live.
     pub async fn restore(self: &Arc<Self>) -> Result<usize, RelayError> {
+        if self.cluster.is_some() {
+            return self.mirror_all().await;
+        }
         let now = SystemTime::now();
         let mut live = 0;
         let records = self.store.list().await?;
@@ -109,7 +136,7 @@ impl Relay {
         Ok(live)
     }
 
-    fn session_from(&self, r: &SessionRecord) -> Result<Session, RelayError> {
+    pub(crate) fn session_from(&self, r: &SessionRecord) -> Result<Session, RelayError> {
         let bad = |what: &'static str| RelayError::BadRecord {
             id: r.id.clone(),
             what,
@@ -157,18 +184,24 @@ pub fn nonzero(n: u32) -> std::num::NonZeroU32 {
     std::num::NonZeroU32::new(n).unwrap_or(std::num::NonZeroU32::MIN)
 }
 
+/// The record's owner: this node (`node`, in a cluster) while it holds the agent's link.
+fn owner_field(node: Option<&str>, inner: &SessionInner) -> Option<String> {
+    node.filter(|_| inner.link.is_some()).map(str::to_owned)
+}
+
 /// [`Relay::save`] for a store and a session (also used by background retries).
 pub fn save(
     store: &Arc<dyn SessionStore>,
     session: &Session,
     inner: &mut SessionInner,
+    owner: Option<String>,
 ) -> BoxFuture<'static, Result<(), StoreError>> {
     inner.durable.version += 1;
     let d = &inner.durable;
     let mut record = SessionRecord {
         format: FORMAT,
         version: d.version,
-        owner: None,
+        owner,
         id: session.id.clone(),
         build_id: session.build_id.clone(),
         app_id: session.app_id.clone(),
@@ -188,6 +221,7 @@ pub fn save(
         policy: inner.life.policy,
         joined: false,
         finish_deadline_ms: None,
+        link_down_ms: None,
         revoked: None,
     };
     record.set_lifecycle(&inner.life);

@@ -18,6 +18,9 @@ pub struct SessionRegistry {
     by_id: DashMap<String, Arc<Session>>,
     /// Session ids by join-token hash.
     by_join: DashMap<SecretHash, String>,
+    /// Ids of sessions being created on this node (cluster mode: the store's echo of their
+    /// first write is not taken for another node's session).
+    creating: dashmap::DashSet<String>,
 }
 
 impl SessionRegistry {
@@ -54,6 +57,21 @@ impl SessionRegistry {
     pub(crate) fn insert(&self, session: Arc<Session>) {
         self.by_join.insert(session.join_hash, session.id.clone());
         self.by_id.insert(session.id.clone(), session);
+    }
+
+    /// Marks session `id` as being created here.
+    pub(crate) fn reserve(&self, id: &str) {
+        self.creating.insert(id.to_owned());
+    }
+
+    /// Session `id` is created (or failed to be).
+    pub(crate) fn unreserve(&self, id: &str) {
+        self.creating.remove(id);
+    }
+
+    /// Whether session `id` is being created here.
+    pub fn is_reserved(&self, id: &str) -> bool {
+        self.creating.contains(id)
     }
 
     /// Forgets a session.

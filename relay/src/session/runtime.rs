@@ -12,6 +12,7 @@ use std::time::SystemTime;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 
+use crate::cluster::ClusterState;
 use crate::edge::visitor::guards::{Guards, VisitorRefusal};
 use crate::session::access::Access;
 pub use crate::session::data_conn::{DataConn, DataStream};
@@ -99,6 +100,15 @@ impl Drop for VisitorGuard {
     }
 }
 
+/// Where an admitted visitor's data connection comes from.
+#[derive(Debug)]
+pub enum Route {
+    /// The agent's link on this node.
+    Here(Link),
+    /// Cluster mode: the agent's link is on this other node; it sends the agent `open_at`.
+    Owner(String),
+}
+
 /// The live control connection of a session's agent.
 #[derive(Clone, Debug)]
 pub struct Link {
@@ -117,6 +127,8 @@ pub struct Link {
     /// message queue), so a burst of visitors coalesces into the latest count and never
     /// crowds out their `open`s.
     pub visitor_count: Option<Arc<tokio::sync::watch::Sender<u32>>>,
+    /// Whether the agent takes `open_at` (cluster: visitors waiting on other nodes).
+    pub attach_elsewhere: bool,
 }
 
 impl SessionInner {
@@ -165,6 +177,12 @@ pub struct SessionInner {
     pub access: Option<Access>,
     /// Node-local: connected visitors per source key (for `max_visitors_per_source`).
     pub sources: HashMap<IpAddr, usize>,
+    /// Cluster mode: the node holding the agent's link, as this node last heard (its own
+    /// name while it holds the link itself).
+    pub owner: Option<String>,
+    /// Cluster mode: the node that held the agent's link most recently (kept when the link
+    /// ends, for the `session_rehomed` audit event).
+    pub last_owner: Option<String>,
 }
 
 /// A visitor waiting for the agent's data connection.
@@ -233,6 +251,8 @@ impl Session {
                 link: None,
                 access: None,
                 sources: HashMap::new(),
+                owner: None,
+                last_owner: None,
             }),
             pending: Mutex::new(HashMap::new()),
             auth_waiters: Mutex::new(HashMap::new()),
@@ -246,18 +266,29 @@ impl Session {
     /// Admits a visitor from `ip` that passed the guards and its protocol's opening: the
     /// agent must be connected, the session under its visitor cap and the source under
     /// `per_source`. The returned guard counts the visitor until dropped.
+    ///
+    /// In a cluster (`cluster`), a session whose agent another live node holds is served
+    /// through that node ([`Route::Owner`]).
     pub fn admit_visitor(
         self: &Arc<Self>,
         ip: IpAddr,
         per_source: usize,
-    ) -> Result<(Link, VisitorGuard), VisitorRefusal> {
+        cluster: Option<&ClusterState>,
+    ) -> Result<(Route, VisitorGuard), VisitorRefusal> {
         let source = crate::edge::source::source_key(ip.to_canonical());
         let mut inner = self.lock();
-        let link = inner
-            .link
-            .clone()
-            .filter(|_| inner.life.accepts_visitors())
-            .ok_or(VisitorRefusal::AgentNotConnected)?;
+        if !inner.life.accepts_visitors() {
+            return Err(VisitorRefusal::AgentNotConnected);
+        }
+        let route = match (&inner.link, &inner.owner, cluster) {
+            (Some(link), _, _) => Route::Here(link.clone()),
+            (None, Some(owner), Some(cluster))
+                if *owner != cluster.node_name && cluster.members.alive(owner) =>
+            {
+                Route::Owner(owner.clone())
+            }
+            _ => return Err(VisitorRefusal::AgentNotConnected),
+        };
         if inner.life.visitors >= self.max_visitors {
             return Err(VisitorRefusal::TooManyVisitors);
         }
@@ -270,7 +301,7 @@ impl Session {
         // Not reported yet: the caller announces the visitor once the agent has its `open`
         // ([`VisitorGuard::announce`]), so the count never travels ahead of it.
         Ok((
-            link,
+            route,
             VisitorGuard {
                 session: self.clone(),
                 source,
@@ -341,24 +372,25 @@ impl Session {
     }
 
     /// Ends link `link_id` if it is still the current one: the session goes `disconnected`,
-    /// visitors waiting for a data connection are closed.
-    pub fn link_lost(&self, link_id: u64, now: SystemTime) {
-        self.end_link(link_id, now, true);
+    /// visitors waiting for a data connection are closed. True if it was the current one.
+    pub fn link_lost(&self, link_id: u64, now: SystemTime) -> bool {
+        self.end_link(link_id, now, true)
     }
 
     /// Ends link `link_id` for a relay shutdown: like [`Session::link_lost`], but visitors
     /// already forwarded keep draining (their data connections are healthy).
-    pub fn link_released(&self, link_id: u64, now: SystemTime) {
-        self.end_link(link_id, now, false);
+    pub fn link_released(&self, link_id: u64, now: SystemTime) -> bool {
+        self.end_link(link_id, now, false)
     }
 
     /// Ends link `link_id` if it is still the current one; `cut_visitors` also cancels the
     /// visitors forwarded over it. Waiting visitors are closed either way.
-    fn end_link(&self, link_id: u64, now: SystemTime, cut_visitors: bool) {
+    fn end_link(&self, link_id: u64, now: SystemTime, cut_visitors: bool) -> bool {
         let mut inner = self.lock();
         if inner.link.as_ref().is_none_or(|l| l.id != link_id) {
-            return;
+            return false;
         }
+        inner.owner = None;
         if let Some(link) = inner.link.take() {
             if cut_visitors {
                 link.cancel.cancel();
@@ -372,6 +404,7 @@ impl Session {
             .clear();
         self.warm.drop_link(link_id);
         self.changed.notify_one();
+        true
     }
 
     /// Parks a warm data connection presenting `secret` (the current link's park secret):
@@ -396,6 +429,23 @@ impl Session {
     /// The oldest parked connection of link `link_id` (the visitor's), if any.
     pub fn take_parked(&self, link_id: u64) -> Option<oneshot::Sender<Assignment>> {
         self.warm.take(link_id)
+    }
+
+    /// Registers a visitor waiting for a data connection that the node holding the agent's
+    /// link opens (cluster mode). Its connection id is random with the top bit set, so it
+    /// never meets the owner's own ids (counted from 1) nor, in practice, another node's.
+    pub fn register_remote_open(&self, secret: &Secret) -> (u64, oneshot::Receiver<DataConn>) {
+        let (tx, rx) = oneshot::channel();
+        let conn_id = rand::random::<u64>() | (1 << 63);
+        let open = PendingOpen {
+            secret: secret.hash(),
+            tx,
+        };
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(conn_id, open);
+        (conn_id, rx)
     }
 
     /// Registers a visitor waiting for a data connection; returns its connection id.

@@ -27,7 +27,13 @@ pub async fn run(relay: Arc<Relay>, session: Arc<Session>) {
             () = tokio::time::sleep(wait) => {
                 let due = session.lock().life.due(SystemTime::now());
                 if let Some(reason) = due {
-                    relay.revoke(&session, reason);
+                    if relay.decides(&session) {
+                        relay.revoke(&session, reason);
+                    } else {
+                        // The same deadline passes on every node: cut here at once, the
+                        // deciding node writes it.
+                        relay.revoke_here(&session, Some(reason));
+                    }
                 }
             }
                         () = session.changed.notified() => {

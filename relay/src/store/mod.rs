@@ -4,6 +4,13 @@
 //! - [`record`]: [`SessionRecord`], the durable facts of a session (with a `version`).
 //! - [`redb`]: [`RedbStore`], the embedded single-node store (`DATA_DIR/state.redb`): one
 //!   writer thread batches commits, so fsyncs never run on the runtime's workers.
+//! - `etcd` (feature `cluster`): `EtcdStore`, the cluster store: records, the join index
+//!   and cluster-wide port reservations in etcd, compare-and-swap in transactions, changes
+//!   from a watch;
+//! - `etcd_request` (feature `cluster`): the key prefix and the time bound of every etcd
+//!   request;
+//! - `etcd_watch` (feature `cluster`): following a key prefix in etcd across reconnections
+//!   and compactions (sessions here, node membership in `crate::cluster`).
 //! - `memory`: `MemoryStore`, for unit tests of the registry (no disk; built only for tests).
 //!
 //! The contract, for every implementation:
@@ -17,6 +24,12 @@
 //! - **Changes made elsewhere** arrive on [`SessionStore::changes`] (a cluster store); a
 //!   single-node store produces none.
 
+#[cfg(feature = "cluster")]
+pub mod etcd;
+#[cfg(feature = "cluster")]
+pub mod etcd_request;
+#[cfg(feature = "cluster")]
+pub mod etcd_watch;
 #[cfg(test)]
 pub mod memory;
 pub mod record;
@@ -49,6 +62,14 @@ pub enum StoreError {
     /// The store's writer is gone (the relay is shutting down).
     #[error("state store: the writer has stopped")]
     Closed,
+    /// The store cannot be reached now (cluster mode: etcd did not answer in time); retrying
+    /// later may work.
+    #[error("cluster state store (etcd) unavailable: {0}")]
+    Unavailable(String),
+    /// A new session's public ports belong to another session somewhere in the cluster (or
+    /// are still cooling down there): pick others.
+    #[error("public ports {0:?} belong to another session of the cluster")]
+    PortsTaken(Vec<u16>),
 }
 
 /// A change made by another node (cluster stores only).
@@ -58,6 +79,9 @@ pub enum StoreChange {
     Put(Box<SessionRecord>),
     /// A record was removed.
     Removed(String),
+    /// Changes were lost (the store's history was compacted while this node was away):
+    /// here is every record as it is now; records not in it are gone.
+    Reloaded(Vec<SessionRecord>),
 }
 
 /// Where sessions' durable records live. See the module doc for the contract.

@@ -70,6 +70,10 @@ pub struct SessionRecord {
     pub joined: bool,
     /// Grace deadline once finished.
     pub finish_deadline_ms: Option<u64>,
+    /// Since when the agent link has been down (cluster mode: written by the owner when it
+    /// loses the link, so every node starts the resume window at the same time).
+    #[serde(default)]
+    pub link_down_ms: Option<u64>,
     /// Revocation reason and time.
     pub revoked: Option<(RevokeReason, u64)>,
 }
@@ -110,6 +114,16 @@ impl SessionRecord {
         }
     }
 
+    /// The lifecycle as another node of a cluster sees it: the link is up while the owner
+    /// (`owner_alive`) holds it, and down since the owner said so (or since `now`, when the
+    /// owner is gone or never said).
+    pub fn mirror_lifecycle(&self, now: SystemTime, owner_alive: bool) -> Lifecycle {
+        let mut life = self.lifecycle(now);
+        life.link_down_since = (self.joined && self.revoked.is_none() && !owner_alive)
+            .then(|| self.link_down_ms.map_or(now, from_unix_ms));
+        life
+    }
+
     /// Copies the lifecycle facts that are stored.
     pub fn set_lifecycle(&mut self, life: &Lifecycle) {
         self.created_at_ms = to_unix_ms(life.created_at);
@@ -120,6 +134,7 @@ impl SessionRecord {
         self.policy = life.policy;
         self.joined = life.joined;
         self.finish_deadline_ms = life.finish_deadline.map(to_unix_ms);
+        self.link_down_ms = life.link_down_since.map(to_unix_ms);
         self.revoked = life.revoked.map(|(r, at)| (r, to_unix_ms(at)));
     }
 }
@@ -166,6 +181,7 @@ pub fn sample(id: &str) -> SessionRecord {
         policy: LifetimePolicy::GraceAfterFinish,
         joined: false,
         finish_deadline_ms: None,
+        link_down_ms: None,
         revoked: None,
     };
     s.set_lifecycle(&life);

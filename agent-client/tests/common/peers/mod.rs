@@ -1,5 +1,5 @@
 //! Harness for driving REAL peers in integration tests: OpenSSH `sshd`/`ssh`,
-//! TigerVNC `Xvnc` and `vncdo` (PyPI `vncdotool`).
+//! TigerVNC `Xvnc` and `vncdo` (PyPI `vncdotool`), etcd (Debian's `etcd-server`).
 //!
 //! Every helper is blocking (`std::process`) and bounded by a deadline, so a
 //! misbehaving peer turns into a test failure with its logs, never a hang.
@@ -9,6 +9,7 @@
 // Each integration test binary uses a different subset of this harness.
 #![allow(dead_code)]
 
+pub mod etcd;
 pub mod sshd;
 pub mod tools;
 pub mod vnc;

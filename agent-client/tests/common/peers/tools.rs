@@ -67,16 +67,19 @@ fn is_executable(path: &Path) -> bool {
         .unwrap_or(false)
 }
 
-/// Returns a loopback TCP port that was free a moment ago (bind to
-/// `127.0.0.1:0`, read the port, close). Another process may grab it before
-/// the caller binds it, so callers retry on bind failures.
+/// Returns a loopback TCP port that was free a moment ago, picked at random below the
+/// kernel's ephemeral range (32768 and up): a port from that range can be taken at any
+/// moment by some process's outgoing connection, which would make a server restarted on
+/// "its" port (a relay after `kill -9`, etcd after a stop) fail to bind. Ports 12000-19999
+/// are below it and below the public port ranges the tests give relays.
 pub fn free_port() -> anyhow::Result<u16> {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .context("binding 127.0.0.1:0 to find a free port")?;
-    Ok(listener
-        .local_addr()
-        .context("reading local address")?
-        .port())
+    for _ in 0..1000 {
+        let port = 12000 + rand::random::<u16>() % 8000;
+        if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    anyhow::bail!("no free loopback port between 12000 and 19999")
 }
 
 /// Name of the user running the tests (`id -un`).

@@ -154,6 +154,7 @@ pub fn classify(first: Option<Result<Message, FrameError>>) -> FirstFrame {
             credentials,
             host_keys,
             visitor_reports,
+            attach_elsewhere,
         })) => FirstFrame::Control(control::Hello {
             protocol_version,
             agent_version,
@@ -162,6 +163,7 @@ pub fn classify(first: Option<Result<Message, FrameError>>) -> FirstFrame {
             credentials,
             host_keys,
             visitor_reports,
+            attach_elsewhere,
         }),
         Some(Ok(Message::Attach {
             session_id,

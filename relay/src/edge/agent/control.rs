@@ -40,6 +40,8 @@ pub struct Hello {
     pub host_keys: Vec<String>,
     /// Whether the agent takes `visitors` reports.
     pub visitor_reports: bool,
+    /// Whether the agent takes `open_at` (visitors on other nodes of a cluster).
+    pub attach_elsewhere: bool,
 }
 
 /// The checks of a `hello` that need no state: protocol version, credentials and host
@@ -58,6 +60,7 @@ pub fn screen(hello: Hello, ip: IpAddr) -> Result<(HelloAuth, AgentOffer, String
         access,
         ip: ip.to_canonical(),
         visitor_reports: hello.visitor_reports,
+        attach_elsewhere: hello.attach_elsewhere,
     };
     Ok((hello.auth, offer, hello.agent_version))
 }
@@ -127,13 +130,13 @@ async fn serve(relay: &Relay, peer: IpAddr, mut framed: AgentFramed, mut reg: Re
     while result.is_ok() {
         tokio::select! {
             () = relay.stopping.cancelled() => {
-                return restarting(&mut framed, &session, reg.link.id).await;
+                return restarting(relay, &mut framed, &session, reg.link.id).await;
             }
             () = reg.link.cancel.cancelled() => {
                 // With nothing to drain, a stopping relay cancels every session right after
                 // it starts stopping: the agent must still hear that it is coming back.
                 if relay.stopping.is_cancelled() {
-                    return restarting(&mut framed, &session, reg.link.id).await;
+                    return restarting(relay, &mut framed, &session, reg.link.id).await;
                 }
                 break;
             }
@@ -212,7 +215,9 @@ async fn serve(relay: &Relay, peer: IpAddr, mut framed: AgentFramed, mut reg: Re
         };
         let _ = tokio::time::timeout(FAREWELL_TIMEOUT, farewell).await;
     }
-    session.link_lost(reg.link.id, SystemTime::now());
+    if session.link_lost(reg.link.id, SystemTime::now()) {
+        relay.link_ended(&session);
+    }
 }
 
 /// Resolves `true` once the visitor count changed; never resolves for agents that did not
@@ -267,10 +272,12 @@ impl ReportPace {
 
 /// The relay is stopping: tell the agent to come back to the restarted relay (its visitors
 /// drain) and release the link.
-async fn restarting(framed: &mut AgentFramed, session: &Session, link_id: u64) {
+async fn restarting(relay: &Relay, framed: &mut AgentFramed, session: &Arc<Session>, link_id: u64) {
     let msg = "the relay is restarting: reconnect shortly".to_owned();
     farewell(framed, ErrorCode::ShuttingDown, msg).await;
-    session.link_released(link_id, SystemTime::now());
+    if session.link_released(link_id, SystemTime::now()) {
+        relay.link_ended(session);
+    }
 }
 
 /// Sends one frame, failing when the agent has not taken it within `limit`.
