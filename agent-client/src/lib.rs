@@ -208,7 +208,20 @@ pub async fn run_with(
                 });
                 break Ok(Outcome::Revoked(message));
             }
-            Err(e) if e.is_retryable() => e,
+            Err(e) if e.is_retryable() => {
+                if matches!(
+                    e,
+                    AgentError::Refused {
+                        code: porthole_protocol::ErrorCode::SessionBusy
+                            | porthole_protocol::ErrorCode::ShuttingDown,
+                        ..
+                    }
+                ) {
+                    // A relay cluster: another node may hold (or take) the session.
+                    ctx.dialer.next_relay();
+                }
+                e
+            }
             Err(e) => break Err(e),
         };
         let delay = backoff.next_delay();

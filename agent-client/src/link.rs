@@ -117,6 +117,15 @@ impl Dialer {
         Err(AgentError::Unreachable(errors.join("; ")))
     }
 
+    /// The next control link starts with the relay after the one that answered last (it
+    /// refused the session as busy, or is shutting down). One relay: no change.
+    pub fn next_relay(&self) {
+        let n = self.relays.len();
+        let _ = self
+            .start
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |i| Some((i + 1) % n));
+    }
+
     /// A new data connection, to the node holding the control link.
     pub async fn dial(&self) -> Result<TlsStream<TcpStream>, AgentError> {
         match self.current() {

@@ -308,7 +308,7 @@ pub async fn start(config: RelayConfig) -> Result<RelayHandle, RelayError> {
     #[cfg(feature = "cluster")]
     let members_from = match &relay.cluster {
         // Owners' liveness decides which sessions are connected: read the nodes first.
-        Some(cluster) => Some(cluster::members::load(cluster).await?.1 + 1),
+        Some(cluster) => Some(cluster::members::load(cluster).await?.2 + 1),
         None => None,
     };
     let restored = relay.restore().await?;

@@ -68,9 +68,10 @@ pub const MAX_VISITORS_PER_SESSION: usize = 1024;
 /// Most networks a session's `allow_cidrs` may list.
 pub const MAX_ALLOW_CIDRS: usize = 64;
 
-/// Longest wait for one etcd request (cluster mode): past it the operation fails with "etcd
-/// unavailable" (the API answers 503) instead of hanging.
-pub const ETCD_REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+/// Longest wait for one etcd request, its retries included (cluster mode): past it the
+/// operation fails with "etcd unavailable" (the API answers 503, within 5 s of the request)
+/// instead of hanging. Long enough for an etcd cluster to elect a new leader.
+pub const ETCD_REQUEST_TIMEOUT: Duration = Duration::from_millis(4500);
 
 /// Longest wait for a TCP connection to an etcd endpoint.
 pub const ETCD_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);

@@ -510,6 +510,7 @@ fn environment_variables_in_deploy_files_exist() -> Result<()> {
         ("Containerfile", &relay),
         ("kubernetes/statefulset.yaml", &relay),
         ("kubernetes/hostnetwork-patch.yaml", &relay),
+        ("kubernetes/cluster/relay.yaml", &relay),
         ("porthole-agent.service", &agent),
         ("README.md", &both),
     ] {
@@ -520,5 +521,75 @@ fn environment_variables_in_deploy_files_exist() -> Result<()> {
         }
     }
     ensure!(problems.is_empty(), "{}", problems.join("\n"));
+    Ok(())
+}
+
+/// The cluster manifests: they parse, name no namespace, and the relay nodes' settings (the
+/// `PORTHOLE_*` values, with the pod's fields filled in) pass the relay's own checks in
+/// cluster mode; every node binds its node's addresses; as many etcd endpoints as members.
+#[test]
+fn kubernetes_cluster_manifests_make_a_valid_cluster() -> Result<()> {
+    yaml_docs("kubernetes/cluster/kustomization.yaml")?;
+    let mut docs = yaml_docs("kubernetes/cluster/etcd.yaml")?;
+    docs.extend(yaml_docs("kubernetes/cluster/relay.yaml")?);
+    for doc in &docs {
+        ensure!(
+            doc["metadata"]["namespace"].is_null(),
+            "a manifest names a namespace"
+        );
+    }
+    let sets: Vec<&serde_yaml::Value> =
+        docs.iter().filter(|d| d["kind"] == "StatefulSet").collect();
+    let etcd = sets
+        .iter()
+        .find(|d| d["metadata"]["name"] == "etcd")
+        .context("etcd StatefulSet")?;
+    let relay = sets
+        .iter()
+        .find(|d| d["metadata"]["name"] == "porthole-relay")
+        .context("relay StatefulSet")?;
+    let members = etcd["spec"]["replicas"].as_u64().context("etcd replicas")?;
+    let spec = &relay["spec"]["template"]["spec"];
+    ensure!(
+        spec["hostNetwork"] == true,
+        "relay nodes use their node's network"
+    );
+    let container = &spec["containers"][0];
+    let mut vars = std::collections::BTreeMap::new();
+    for env in container["env"].as_sequence().context("env")? {
+        if let (Some(name), Some(value)) = (env["name"].as_str(), env["value"].as_str()) {
+            // What Kubernetes substitutes for the pod's own fields.
+            let value = value
+                .replace("$(NODE_IP)", "10.0.0.11")
+                .replace("$(POD_NAME)", "porthole-relay-0");
+            vars.insert(name.to_owned(), value);
+        }
+    }
+    let endpoints = vars
+        .get("PORTHOLE_ETCD_ENDPOINTS")
+        .context("etcd endpoints")?;
+    ensure!(
+        endpoints.split(',').count() as u64 == members,
+        "{endpoints} vs {members} members"
+    );
+    let mut argv = vec!["porthole-relay".to_owned()];
+    for (name, value) in &vars {
+        if let Some(flag) = name.strip_prefix("PORTHOLE_") {
+            argv.push(format!("--{}", flag.to_ascii_lowercase().replace('_', "-")));
+            argv.push(value.clone());
+        }
+    }
+    let cmd = <RelayConfig as clap::Args>::augment_args(clap::Command::new("porthole-relay"));
+    let matches = cmd.try_get_matches_from(&argv)?;
+    let config = <RelayConfig as clap::FromArgMatches>::from_arg_matches(&matches)?;
+    ensure!(config.cluster_mode(), "the relay nodes run in cluster mode");
+    if cfg!(feature = "cluster") {
+        config.validate().map_err(anyhow::Error::msg)?;
+    }
+    ensure!(
+        config.advertise_agent().as_deref() == Some("10.0.0.11:7443")
+            && config.advertise_peer().as_deref() == Some("10.0.0.11:7445"),
+        "each node advertises its node's address"
+    );
     Ok(())
 }

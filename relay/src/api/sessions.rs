@@ -293,6 +293,13 @@ pub async fn revoke(
     Path(id): Path<String>,
 ) -> Result<Json<SessionView>, ApiError> {
     let session = find(&relay, &id)?;
-    relay.revoke(&session, RevokeReason::Deleted);
+    // In a task of its own, like finish: a client hanging up cannot cut it short.
+    let (owner, target) = (relay.clone(), session.clone());
+    let revoked = relay
+        .tasks
+        .spawn(async move { owner.revoke_durably(&target, RevokeReason::Deleted).await });
+    revoked
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))??;
     Ok(Json(SessionView::of(&session)))
 }

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::RelayError;
-use crate::store::etcd_request::{bounded, PREFIX};
+use crate::store::etcd_request::{retried, PREFIX};
 
 /// The key of the cluster's identity record.
 fn identity_key() -> String {
@@ -95,8 +95,11 @@ pub async fn check(client: &Client, mine: &Identity, data_dir: &Path) -> Result<
         .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
         .and_then([TxnOp::put(key.clone(), value, None)])
         .or_else([TxnOp::get(key, None)]);
-    let mut client = client.clone();
-    let answer = bounded("record the cluster identity", client.txn(txn)).await?;
+    let answer = retried("record the cluster identity", || {
+        let (mut client, txn) = (client.clone(), txn.clone());
+        async move { client.txn(txn).await }
+    })
+    .await?;
     if answer.succeeded() {
         tracing::info!(
             "first node of this cluster: recorded the fingerprints of its shared files in etcd"

@@ -10,22 +10,27 @@ use etcd_client::GetOptions;
 use tokio::sync::mpsc;
 
 use super::node::node_key;
-use super::{ClusterState, NodeInfo};
+use super::{Arrival, ClusterState, NodeInfo};
 use crate::limits::{ETCD_RETRY_MAX, ETCD_RETRY_MIN};
 use crate::shared::Relay;
-use crate::store::etcd_request::bounded;
+use crate::store::etcd_request::retried;
 use crate::store::etcd_watch::{self, PrefixEvent};
 use crate::store::StoreError;
 
 /// Reads every node; returns the names that left since the last read and the revision
 /// of this one.
-pub async fn load(state: &ClusterState) -> Result<(Vec<String>, i64), StoreError> {
-    let mut client = state.client.clone();
+pub async fn load(
+    state: &ClusterState,
+) -> Result<(Vec<String>, Vec<(String, Arrival)>, i64), StoreError> {
     let prefix = node_key("");
-    let found = bounded(
-        "list the nodes",
-        client.get(prefix.clone(), Some(GetOptions::new().with_prefix())),
-    )
+    let found = retried("list the nodes", || {
+        let (mut client, prefix) = (state.client.clone(), prefix.clone());
+        async move {
+            client
+                .get(prefix, Some(GetOptions::new().with_prefix()))
+                .await
+        }
+    })
     .await?;
     let revision = found.header().map_or(0, |h| h.revision());
     let mut all = BTreeMap::new();
@@ -38,7 +43,8 @@ pub async fn load(state: &ClusterState) -> Result<(Vec<String>, i64), StoreError
             all.insert(name, info);
         }
     }
-    Ok((state.members.set(all), revision))
+    let (gone, arrivals) = state.members.set(all);
+    Ok((gone, arrivals, revision))
 }
 
 /// Follows `nodes/` from revision `from` until the relay stops.
@@ -67,7 +73,8 @@ pub async fn follow(relay: Arc<Relay>, state: Arc<ClusterState>, mut from: i64) 
                         if !state.members.alive(&name) {
                             tracing::info!(node = %name, agent = %info.agent, "a node joined the cluster");
                         }
-                        state.members.put(name, info);
+                        let arrival = state.members.put(name.clone(), info);
+                        arrived(&relay, &name, arrival);
                     }
                 }
                 Some(PrefixEvent::Deleted { name }) => {
@@ -84,9 +91,12 @@ pub async fn follow(relay: Arc<Relay>, state: Arc<ClusterState>, mut from: i64) 
         let mut backoff = ETCD_RETRY_MIN;
         from = loop {
             match load(&state).await {
-                Ok((gone, revision)) => {
+                Ok((gone, arrivals, revision)) => {
                     for name in gone {
                         relay.owner_gone(&name);
+                    }
+                    for (name, arrival) in arrivals {
+                        arrived(&relay, &name, arrival);
                     }
                     break revision + 1;
                 }
@@ -100,5 +110,21 @@ pub async fn follow(relay: Arc<Relay>, state: Arc<ClusterState>, mut from: i64) 
                 }
             }
         };
+    }
+}
+
+/// A node's entry appeared: the same process back keeps its sessions connected; a
+/// restarted one lost them.
+fn arrived(relay: &Relay, name: &str, arrival: Arrival) {
+    match arrival {
+        Arrival::Nothing => {}
+        Arrival::Back => {
+            tracing::info!(node = %name, "a node is back in the cluster (its lease lapsed while etcd was away)");
+            relay.owner_back(name);
+        }
+        Arrival::Restarted => {
+            tracing::info!(node = %name, "a node restarted: its sessions wait for their agents to resume");
+            relay.owner_restarted(name);
+        }
     }
 }

@@ -34,6 +34,9 @@ use futures_util::future::BoxFuture;
 use porthole_protocol::{Credential, Secret, Service};
 use serde::{Deserialize, Serialize};
 
+/// Store lookups for unknown sessions a node makes at once ([`ClusterState::lookups`]).
+const MAX_LOOKUPS: usize = 8;
+
 /// What a node publishes about itself (`nodes/<name>`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeInfo {
@@ -42,6 +45,11 @@ pub struct NodeInfo {
     /// Its peer link, as the other nodes reach it.
     #[serde(default)]
     pub peer: String,
+    /// Random per process start: the same node name coming back with the same incarnation
+    /// is the same process (its lease lapsed while etcd was away, its links held); another
+    /// incarnation is a restart (its links are gone).
+    #[serde(default)]
+    pub incarnation: u64,
     /// When it (last) registered, Unix ms.
     pub since_ms: u64,
 }
@@ -58,8 +66,13 @@ pub struct ClusterState {
     pub members: Members,
     /// This node's peer address, as the other nodes reach it.
     pub advertise_peer: String,
+    /// This process's incarnation (see [`NodeInfo::incarnation`]).
+    pub incarnation: u64,
     /// Requests to other nodes (set once the peer link is up).
     pub peers: OnceLock<Arc<dyn Peers>>,
+    /// Store lookups for agents presenting a session this node has not heard of yet, at
+    /// once: strangers with made-up tokens cannot make the node flood etcd.
+    pub lookups: tokio::sync::Semaphore,
     /// The etcd client.
     #[cfg(feature = "cluster")]
     pub client: etcd_client::Client,
@@ -88,7 +101,9 @@ impl ClusterState {
             node_name,
             advertise_agent,
             advertise_peer,
+            incarnation: rand::random(),
             peers: OnceLock::new(),
+            lookups: tokio::sync::Semaphore::new(MAX_LOOKUPS),
             etcd_ok: AtomicBool::new(true),
             #[cfg(feature = "cluster")]
             client,
@@ -150,6 +165,19 @@ pub struct Members {
     me: String,
     /// The live nodes by name.
     nodes: Mutex<BTreeMap<String, NodeInfo>>,
+    /// The latest incarnation seen of every node that ever was live.
+    incarnations: Mutex<BTreeMap<String, u64>>,
+}
+
+/// What a node's entry appearing means for the sessions it owned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arrival {
+    /// First seen, or already live: nothing changes.
+    Nothing,
+    /// The same process is back after its entry lapsed (etcd was away): its links held.
+    Back,
+    /// Another process under the same name: the links the old one held are gone.
+    Restarted,
 }
 
 impl Members {
@@ -158,6 +186,7 @@ impl Members {
         Self {
             me,
             nodes: Mutex::new(BTreeMap::new()),
+            incarnations: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -193,21 +222,44 @@ impl Members {
             .filter(|p| !p.is_empty())
     }
 
-    /// Sets the live nodes to `all`; returns the names that left.
-    pub fn set(&self, all: BTreeMap<String, NodeInfo>) -> Vec<String> {
-        let mut nodes = self.nodes();
-        let gone = nodes
-            .keys()
-            .filter(|name| !all.contains_key(*name))
-            .cloned()
+    /// Sets the live nodes to `all`; returns the names that left, and those that came
+    /// back or restarted meanwhile.
+    pub fn set(&self, all: BTreeMap<String, NodeInfo>) -> (Vec<String>, Vec<(String, Arrival)>) {
+        let gone = {
+            let nodes = self.nodes();
+            nodes
+                .keys()
+                .filter(|name| !all.contains_key(*name))
+                .cloned()
+                .collect::<Vec<_>>()
+        };
+        for name in &gone {
+            self.gone(name);
+        }
+        let arrivals = all
+            .into_iter()
+            .map(|(name, info)| {
+                let arrival = self.put(name.clone(), info);
+                (name, arrival)
+            })
+            .filter(|(_, a)| *a != Arrival::Nothing)
             .collect();
-        *nodes = all;
-        gone
+        (gone, arrivals)
     }
 
-    /// Node `name` joined (or updated its entry).
-    pub fn put(&self, name: String, info: NodeInfo) {
-        self.nodes().insert(name, info);
+    /// Node `name` joined (or updated its entry); what that means for its old sessions.
+    pub fn put(&self, name: String, info: NodeInfo) -> Arrival {
+        let before = self.incarnations().insert(name.clone(), info.incarnation);
+        let was_live = self.nodes().insert(name, info.clone()).is_some();
+        match before {
+            Some(before) if before != info.incarnation => Arrival::Restarted,
+            Some(_) if !was_live => Arrival::Back,
+            _ => Arrival::Nothing,
+        }
+    }
+
+    fn incarnations(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, u64>> {
+        self.incarnations.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Node `name` left; true if it was live.
@@ -227,11 +279,12 @@ mod tests {
         let info = NodeInfo {
             agent: "a:1".into(),
             peer: "a:2".into(),
+            incarnation: 7,
             since_ms: 0,
         };
-        members.put("n3".into(), info.clone());
+        assert_eq!(members.put("n3".into(), info.clone()), Arrival::Nothing);
         assert_eq!(members.sweeper(), "n2");
-        members.put("n1".into(), info.clone());
+        assert_eq!(members.put("n1".into(), info.clone()), Arrival::Nothing);
         assert_eq!(members.sweeper(), "n1");
         assert!(members.alive("n1") && members.alive("n2") && !members.alive("n4"));
         assert!(members.gone("n1"));
@@ -240,8 +293,17 @@ mod tests {
         assert_eq!(members.count(), 2);
         assert_eq!(members.peer_addr("n3").as_deref(), Some("a:2"));
         assert_eq!(members.peer_addr("n1"), None);
-        let gone = members.set(BTreeMap::from([("n2".into(), info)]));
+        let (gone, arrivals) = members.set(BTreeMap::from([("n2".into(), info.clone())]));
         assert_eq!(gone, vec!["n3".to_owned()]);
+        assert_eq!(arrivals, vec![]);
         assert_eq!(members.count(), 1);
+        // n3 comes back as the same process (its lease lapsed), then restarts.
+        assert_eq!(members.put("n3".into(), info.clone()), Arrival::Back);
+        assert_eq!(members.put("n3".into(), info.clone()), Arrival::Nothing);
+        let restarted = NodeInfo {
+            incarnation: 8,
+            ..info
+        };
+        assert_eq!(members.put("n3".into(), restarted), Arrival::Restarted);
     }
 }

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use super::{ClusterState, NodeInfo};
 use crate::error::RelayError;
 use crate::limits::{ETCD_RETRY_MAX, ETCD_RETRY_MIN};
-use crate::store::etcd_request::{bounded, PREFIX};
+use crate::store::etcd_request::{bounded, retried, PREFIX};
 use crate::store::StoreError;
 
 /// Key of node `name`.
@@ -68,12 +68,12 @@ impl Membership {
 
     async fn grant(&self) -> Result<i64, StoreError> {
         let ttl = i64::try_from(self.ttl.as_secs().max(1)).unwrap_or(i64::MAX);
-        let mut client = self.client.clone();
-        Ok(
-            bounded("grant the node lease", client.lease_grant(ttl, None))
-                .await?
-                .id(),
-        )
+        let granted = retried("grant the node lease", || {
+            let mut client = self.client.clone();
+            async move { client.lease_grant(ttl, None).await }
+        })
+        .await?;
+        Ok(granted.id())
     }
 
     /// Puts the node's key under `lease` if no other lease holds it; false if one does.
@@ -82,6 +82,7 @@ impl Membership {
         let info = NodeInfo {
             agent: self.state.advertise_agent.clone(),
             peer: self.state.advertise_peer.clone(),
+            incarnation: self.state.incarnation,
             since_ms: porthole_protocol::time::to_unix_ms(std::time::SystemTime::now()),
         };
         let value = serde_json::to_vec(&info).map_err(|e| StoreError::Io(e.to_string()))?;
@@ -92,10 +93,12 @@ impl Membership {
                 value,
                 Some(PutOptions::new().with_lease(lease)),
             )]);
-        let mut client = self.client.clone();
-        Ok(bounded("register the node", client.txn(txn))
-            .await?
-            .succeeded())
+        let answer = retried("register the node", || {
+            let (mut client, txn) = (self.client.clone(), txn.clone());
+            async move { client.txn(txn).await }
+        })
+        .await?;
+        Ok(answer.succeeded())
     }
 
     async fn revoke(&self, lease: i64) {

@@ -229,6 +229,13 @@ impl Relay {
     /// both come here; a revoked session that is only kept for its retention gets no
     /// listeners, only the supervisor that forgets it.
     pub fn activate(self: &Arc<Self>, session: &Arc<Session>, listeners: Vec<(u16, TcpListener)>) {
+        self.listen(session, listeners);
+        self.tasks
+            .spawn(supervisor::run(self.clone(), session.clone()));
+    }
+
+    /// Serves each of a session's public `listeners` (in the order of its endpoints).
+    pub fn listen(self: &Arc<Self>, session: &Arc<Session>, listeners: Vec<(u16, TcpListener)>) {
         for ((port, listener), endpoint) in listeners.into_iter().zip(&session.endpoints) {
             self.tasks.spawn(public::serve_port(
                 self.clone(),
@@ -238,8 +245,6 @@ impl Relay {
                 listener,
             ));
         }
-        self.tasks
-            .spawn(supervisor::run(self.clone(), session.clone()));
     }
 
     /// Registers an agent that presents a join token.
@@ -496,17 +501,18 @@ impl Relay {
     /// The build finished (`by`: `agent` or `api`): start the grace period and tell the
     /// agent the new deadline.
     pub async fn finish(&self, session: &Session, by: &'static str) -> Result<(), RelayError> {
-        let (before, saved) = {
+        let (before, saved, version) = {
             let mut inner = session.lock();
             let before = inner.life.finish_deadline;
             if !inner.life.on_finish(SystemTime::now()) {
                 return Ok(());
             }
-            (before, self.save(session, &mut inner))
+            let saved = self.save(session, &mut inner);
+            (before, saved, inner.durable.version)
         };
         if let Err(e) = saved.await {
             session.lock().life.finish_deadline = before;
-            self.resync_version(session).await;
+            self.after_failed_write(session, version, &e).await;
             return Err(e.into());
         }
         self.audit.record(AuditEvent::SessionFinished {
@@ -538,6 +544,71 @@ impl Relay {
             self.save_in_background(session, saved, "revocation");
             inner.life.created_at
         };
+        self.revoked_effects(session, reason, created_at);
+    }
+
+    /// A revocation asked through the API. On a single node, [`Relay::revoke`]. In a
+    /// cluster it is written first: every node cuts the session when the record changes,
+    /// and a revocation etcd did not take would hold on this node only. So when the store
+    /// cannot take it, nothing changes and the error says why (the API answers 503).
+    pub async fn revoke_durably(
+        &self,
+        session: &Arc<Session>,
+        reason: RevokeReason,
+    ) -> Result<(), RelayError> {
+        if self.cluster.is_none() {
+            self.revoke(session, reason);
+            return Ok(());
+        }
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let at = SystemTime::now();
+            let (saved, version) = {
+                let mut inner = session.lock();
+                if inner.life.revoked.is_some() {
+                    return Ok(());
+                }
+                // Revoked in this node's state at once (so no other write of this node goes
+                // out without it, and no new visitor is admitted), cut once it is durable.
+                inner.life.revoke(reason, at);
+                let saved = self.save(session, &mut inner);
+                (saved, inner.durable.version)
+            };
+            match saved.await {
+                Ok(()) => break,
+                Err(e) => {
+                    {
+                        let mut inner = session.lock();
+                        if inner.life.revoked == Some((reason, at)) {
+                            inner.life.revoked = None;
+                        }
+                    }
+                    self.after_failed_write(session, version, &e).await;
+                    let retry = matches!(e, StoreError::Conflict { .. }) && attempt < 3;
+                    if !retry {
+                        return Err(e.into());
+                    }
+                }
+            }
+        }
+        let created_at = {
+            let mut inner = session.lock();
+            inner.access = None;
+            inner.life.created_at
+        };
+        self.revoked_effects(session, reason, created_at);
+        Ok(())
+    }
+
+    /// What follows a revocation this node decided: metrics, the audit line, listeners and
+    /// connections cut, ports cooling.
+    fn revoked_effects(
+        &self,
+        session: &Arc<Session>,
+        reason: RevokeReason,
+        created_at: SystemTime,
+    ) {
         self.metrics
             .sessions_revoked
             .with_label_values(&[reason.as_str()])
@@ -566,7 +637,11 @@ impl Relay {
         };
         let inner = session.lock();
         match &inner.owner {
-            Some(owner) if cluster.members.alive(owner) => *owner == cluster.node_name,
+            // A revoked session's record is removed by the sweeper (its owner may have
+            // forgotten it owned it).
+            Some(owner) if cluster.members.alive(owner) && inner.life.revoked.is_none() => {
+                *owner == cluster.node_name
+            }
             _ => cluster.members.sweeper() == cluster.node_name,
         }
     }

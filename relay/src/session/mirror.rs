@@ -23,7 +23,9 @@ use porthole_protocol::time::to_unix_ms;
 use crate::error::RelayError;
 use crate::session::runtime::Session;
 use crate::shared::Relay;
-use crate::store::{hash_from_hex, SessionRecord, StoreChange};
+use crate::store::{hash_from_hex, hash_hex, SessionRecord, StoreChange};
+use crate::untrusted::valid_session_id;
+use porthole_protocol::message::HelloAuth;
 
 impl Relay {
     /// Applies the store's changes until the relay stops (cluster mode).
@@ -90,6 +92,38 @@ impl Relay {
         }
     }
 
+    /// Cluster mode: an agent presents a join token or session id this node has not heard
+    /// of yet (it reached this node before the record's change did): read it from the
+    /// store and adopt it, so the registration does not fail on a race.
+    pub async fn load_if_unknown(self: &Arc<Self>, auth: &HelloAuth) {
+        let Some(cluster) = self.cluster.as_ref() else {
+            return;
+        };
+        // Bounded: past it, an unknown token is simply unknown (the agent retries).
+        let Ok(_lookup) = cluster.lookups.try_acquire() else {
+            return;
+        };
+        let found = match auth {
+            HelloAuth::Join { token } => {
+                if self.sessions.by_join_token(token).is_some() {
+                    return;
+                }
+                self.store.find_by_join_hash(&hash_hex(token.hash())).await
+            }
+            HelloAuth::Resume { session_id, .. } => {
+                if !valid_session_id(session_id) || self.sessions.get(session_id).is_some() {
+                    return;
+                }
+                self.store.get(session_id).await
+            }
+        };
+        match found {
+            Ok(Some(record)) => self.apply_record(record),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot look up an agent's session in the store"),
+        }
+    }
+
     /// Takes the stored record of `session` as it is (after this node's write failed: another
     /// node wrote first, and what it wrote counts).
     pub async fn refresh(&self, session: &Session) {
@@ -134,10 +168,12 @@ impl Relay {
         match self.pool.claim(&session.ports()) {
             Ok(listeners) => self.activate(&session, listeners),
             Err((port, e)) => {
-                // Another program holds the port on this node: the session still works
-                // through the other nodes.
-                tracing::error!(session_id = %session.id, port, error = %e, "cannot bind a cluster session's port on this node");
+                // A create of this node's own may hold the port for a moment (it loses to
+                // this session in etcd and lets go): try again for a while. Another program
+                // holding it: the session still works through the other nodes.
+                tracing::warn!(session_id = %session.id, port, error = %e, "cannot bind a cluster session's port on this node yet");
                 self.activate(&session, Vec::new());
+                self.tasks.spawn(claim_later(self.clone(), session.clone()));
             }
         }
     }
@@ -157,12 +193,9 @@ impl Relay {
             }
         }
         let mut inner = session.lock();
-        let stale = if force {
-            record.version < inner.durable.version
-        } else {
-            record.version <= inner.durable.version
-        };
-        if stale {
+        // Forced (this node's write failed): the stored record is the truth, even when it is
+        // older than the version this node had counted up to for its lost write.
+        if !force && record.version <= inner.durable.version {
             return;
         }
         let parse = |h: &Option<String>| h.as_deref().and_then(hash_from_hex);
@@ -177,11 +210,21 @@ impl Relay {
         inner.life.joined = stored.joined;
         inner.life.finish_deadline = stored.finish_deadline;
         if inner.link.is_none() {
-            inner.owner = record.owner.clone();
+            // A record naming this node while it holds no link is from an earlier run of it
+            // (or a link it lost): nobody holds the agent.
+            inner.owner = record.owner.clone().filter(|o| Some(o.as_str()) != me);
             if record.owner.is_some() {
                 inner.last_owner = record.owner.clone();
             }
-            inner.life.link_down_since = stored.link_down_since;
+            // Down since the owner said, or (no word: its node is gone) since this node
+            // first noticed; a record that says nothing new does not restart the window.
+            let noticed = inner.life.link_down_since;
+            inner.life.link_down_since = match stored.link_down_since {
+                Some(now_seen) if record.link_down_ms.is_none() => {
+                    Some(noticed.unwrap_or(now_seen))
+                }
+                other => other,
+            };
         }
         if !was_revoked {
             inner.life.revoked = stored.revoked;
@@ -201,22 +244,53 @@ impl Relay {
         }
     }
 
-    /// Whether `owner` names a live node (None: no owner).
+    /// Whether `owner` names another live node (None: no owner; this node: an earlier run
+    /// of it, whose links are gone).
     fn owner_alive(&self, owner: Option<&str>) -> bool {
         match (&self.cluster, owner) {
-            (Some(cluster), Some(owner)) => cluster.members.alive(owner),
+            (Some(cluster), Some(owner)) => {
+                owner != cluster.node_name && cluster.members.alive(owner)
+            }
             _ => false,
         }
     }
 
-    /// Node `node` left the cluster: the sessions whose agent it held are disconnected from
-    /// now on (their resume window starts), and their agents may resume on any node.
+    /// Node `node` is back with the same process (its entry lapsed while etcd was away):
+    /// the sessions whose agent it still holds are connected again.
+    pub fn owner_back(&self, node: &str) {
+        for session in self.sessions.list() {
+            let mut inner = session.lock();
+            if inner.link.is_none()
+                && inner.owner.as_deref() == Some(node)
+                && inner.life.revoked.is_none()
+                && inner.life.link_down_since.take().is_some()
+            {
+                drop(inner);
+                session.changed.notify_one();
+            }
+        }
+    }
+
+    /// Node `node` restarted: the links it held are gone for sure, so the sessions it owned
+    /// have no owner any more (any node may take their agents) and wait for them to resume.
+    pub fn owner_restarted(&self, node: &str) {
+        self.owner_gone(node);
+        for session in self.sessions.list() {
+            let mut inner = session.lock();
+            if inner.link.is_none() && inner.owner.as_deref() == Some(node) {
+                inner.owner = None;
+            }
+        }
+    }
+
+    /// Node `node` left the cluster (its lease ended): the sessions whose agent it held are
+    /// disconnected from now on (their resume window starts), and their agents may resume
+    /// on any node. The owner stays named, so its return ([`Relay::owner_back`]) undoes this.
     pub fn owner_gone(&self, node: &str) {
         let now = SystemTime::now();
         for session in self.sessions.list() {
             let mut inner = session.lock();
             if inner.link.is_none() && inner.owner.as_deref() == Some(node) {
-                inner.owner = None;
                 inner.life.on_link_down(now);
                 drop(inner);
                 tracing::info!(session_id = %session.id, node, since = to_unix_ms(now), "the session's node is gone: waiting for its agent to resume");
@@ -236,3 +310,24 @@ impl Relay {
         self.sessions.remove(session);
     }
 }
+
+/// Binds an adopted session's ports once they are free on this node (up to
+/// [`CLAIM_PATIENCE`]), and serves them.
+async fn claim_later(relay: Arc<Relay>, session: Arc<Session>) {
+    let give_up = tokio::time::Instant::now() + CLAIM_PATIENCE;
+    while tokio::time::Instant::now() < give_up {
+        tokio::select! {
+            () = session.cancel.cancelled() => return,
+            () = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
+        }
+        if let Ok(listeners) = relay.pool.claim(&session.ports()) {
+            tracing::info!(session_id = %session.id, "bound the cluster session's ports on this node");
+            relay.listen(&session, listeners);
+            return;
+        }
+    }
+    tracing::error!(session_id = %session.id, ports = ?session.ports(), "cannot bind a cluster session's ports on this node: it is served through the other nodes only");
+}
+
+/// How long an adopted session's ports are tried on this node.
+const CLAIM_PATIENCE: std::time::Duration = std::time::Duration::from_secs(10);

@@ -44,6 +44,21 @@ impl Relay {
         }
     }
 
+    /// After this node's write of `version` failed: when the store could not be reached,
+    /// the version goes back to what it was (nothing was written, and reading the store
+    /// again would only wait as long once more); otherwise (another write came first) the
+    /// stored record is taken ([`Relay::resync_version`]).
+    pub async fn after_failed_write(&self, session: &Session, version: u64, error: &StoreError) {
+        if matches!(error, StoreError::Unavailable(_)) {
+            let mut inner = session.lock();
+            if inner.durable.version == version {
+                inner.durable.version = version.saturating_sub(1);
+            }
+            return;
+        }
+        self.resync_version(session).await;
+    }
+
     /// Awaits a queued write in the background (for changes that stand in memory whatever
     /// the store says: revocations). On failure it takes the stored version and writes the
     /// session as it is now once more, so the change is not lost to a conflict.
@@ -184,9 +199,16 @@ pub fn nonzero(n: u32) -> std::num::NonZeroU32 {
     std::num::NonZeroU32::new(n).unwrap_or(std::num::NonZeroU32::MIN)
 }
 
-/// The record's owner: this node (`node`, in a cluster) while it holds the agent's link.
+/// The record's owner: this node (`node`, in a cluster) while it holds the agent's link;
+/// otherwise the owner as this node last heard it (a write by another node, a finish say,
+/// must not take the session from the node that holds its agent).
 fn owner_field(node: Option<&str>, inner: &SessionInner) -> Option<String> {
-    node.filter(|_| inner.link.is_some()).map(str::to_owned)
+    let node = node?;
+    if inner.link.is_some() {
+        Some(node.to_owned())
+    } else {
+        inner.owner.clone()
+    }
 }
 
 /// [`Relay::save`] for a store and a session (also used by background retries).

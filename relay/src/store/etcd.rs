@@ -25,9 +25,9 @@ use std::time::Duration;
 use etcd_client::{Client, Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp};
 use futures_util::future::{BoxFuture, FutureExt};
 use futures_util::stream::{BoxStream, StreamExt};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
-pub use super::etcd_request::{bounded, PREFIX};
+use super::etcd_request::{retried, PREFIX};
 use super::etcd_watch::{self, PrefixEvent};
 use super::{SessionRecord, SessionStore, StoreChange, StoreError};
 use crate::limits::{ETCD_RETRY_MAX, ETCD_RETRY_MIN};
@@ -50,38 +50,83 @@ pub fn port_key(port: u16) -> String {
 /// Session records in etcd.
 #[derive(Clone)]
 pub struct EtcdStore {
+    /// What the requests need.
+    inner: Arc<Inner>,
+    /// Writes, in call order, to the one task that makes them (so writes made under one
+    /// session lock reach etcd in that order, whatever order their futures are polled in).
+    writes: mpsc::UnboundedSender<Job>,
+}
+
+/// The etcd side of the store.
+struct Inner {
     /// The etcd client (cheap to clone: one channel).
     client: Client,
     /// How long a revoked session's ports stay reserved.
     cooldown: Duration,
     /// Sessions whose ports this node already put on a cooldown lease.
-    cooled: Arc<Mutex<HashSet<String>>>,
+    cooled: Mutex<HashSet<String>>,
     /// The revision the latest `list` read at; `changes` watches from the next one.
-    listed_at: Arc<AtomicI64>,
-    /// Serialises writes from this node, so they reach etcd in call order (the contract).
-    writes: Arc<tokio::sync::Mutex<()>>,
+    listed_at: AtomicI64,
+}
+
+/// One write for the writer task.
+struct Job {
+    /// Put a record, or remove a session.
+    write: Result<SessionRecord, String>,
+    /// Where its outcome goes.
+    done: oneshot::Sender<Result<(), StoreError>>,
 }
 
 impl std::fmt::Debug for EtcdStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EtcdStore")
-            .field("cooldown", &self.cooldown)
+            .field("cooldown", &self.inner.cooldown)
             .finish_non_exhaustive()
     }
 }
 
 impl EtcdStore {
-    /// A store on `client`; revoked sessions' ports stay reserved for `cooldown`.
+    /// A store on `client`; revoked sessions' ports stay reserved for `cooldown`. Starts
+    /// the writer task (it ends when the last clone of the store is dropped).
     pub fn new(client: Client, cooldown: Duration) -> Self {
-        Self {
+        let inner = Arc::new(Inner {
             client,
             cooldown,
-            cooled: Arc::default(),
-            listed_at: Arc::default(),
-            writes: Arc::default(),
-        }
+            cooled: Mutex::default(),
+            listed_at: AtomicI64::new(0),
+        });
+        let (writes, mut jobs) = mpsc::unbounded_channel::<Job>();
+        let writer = inner.clone();
+        tokio::spawn(async move {
+            while let Some(job) = jobs.recv().await {
+                let outcome = match job.write {
+                    Ok(record) => writer.put_now(record).await,
+                    Err(id) => writer.remove_now(&id).await,
+                };
+                let _ = job.done.send(outcome);
+            }
+        });
+        Self { inner, writes }
     }
 
+    /// Queues a write now; the future resolves with its outcome.
+    fn queue(
+        &self,
+        write: Result<SessionRecord, String>,
+    ) -> BoxFuture<'static, Result<(), StoreError>> {
+        let (done, outcome) = oneshot::channel();
+        let queued = self.writes.send(Job { write, done });
+        async move {
+            if queued.is_err() {
+                return Err(StoreError::Closed);
+            }
+            outcome.await.unwrap_or(Err(StoreError::Closed))
+        }
+        .boxed()
+    }
+}
+
+impl Inner {
     async fn put_now(&self, record: SessionRecord) -> Result<(), StoreError> {
         let key = session_key(&record.id);
         let value = serde_json::to_vec(&record).map_err(|e| StoreError::Io(e.to_string()))?;
@@ -111,8 +156,11 @@ impl EtcdStore {
             }
         }
         let txn = Txn::new().when(compares).and_then(ops);
-        let mut client = self.client.clone();
-        let answer = bounded("write a session", client.txn(txn)).await?;
+        let answer = retried("write a session", || {
+            let (mut client, txn) = (self.client.clone(), txn.clone());
+            async move { client.txn(txn).await }
+        })
+        .await?;
         if answer.succeeded() {
             if record.revoked.is_some() && record.version > 1 {
                 self.cooled
@@ -122,14 +170,19 @@ impl EtcdStore {
             }
             return Ok(());
         }
-        // Why not: a port taken elsewhere (new sessions), or another write first.
+        // Why not: a port taken elsewhere (new sessions), or another write first, or this
+        // very write, applied on an attempt whose answer was lost.
+        let stored = self.get_now(&record.id).await?;
+        if stored.as_ref() == Some(&record) {
+            return Ok(());
+        }
         if record.version == 1 {
             let taken = self.taken_ports(&ports, &record.id).await?;
             if !taken.is_empty() {
                 return Err(StoreError::PortsTaken(taken));
             }
         }
-        let stored = self.get_now(&record.id).await?.map(|r| r.version);
+        let stored = stored.map(|r| r.version);
         Err(StoreError::Conflict {
             id: record.id,
             stored,
@@ -147,8 +200,11 @@ impl EtcdStore {
     /// A lease of the port cooldown (at least 1 s: etcd counts in whole seconds).
     async fn cooldown_lease(&self) -> Result<i64, StoreError> {
         let ttl = i64::try_from(self.cooldown.as_secs().max(1)).unwrap_or(i64::MAX);
-        let mut client = self.client.clone();
-        let granted = bounded("grant a port cooldown lease", client.lease_grant(ttl, None)).await?;
+        let granted = retried("grant a port cooldown lease", || {
+            let mut client = self.client.clone();
+            async move { client.lease_grant(ttl, None).await }
+        })
+        .await?;
         Ok(granted.id())
     }
 
@@ -156,8 +212,11 @@ impl EtcdStore {
     async fn taken_ports(&self, ports: &[u16], id: &str) -> Result<Vec<u16>, StoreError> {
         let mut taken = Vec::new();
         for &port in ports {
-            let mut client = self.client.clone();
-            let found = bounded("read a port", client.get(port_key(port), None)).await?;
+            let found = retried("read a port", || {
+                let mut client = self.client.clone();
+                async move { client.get(port_key(port), None).await }
+            })
+            .await?;
             if found.kvs().iter().any(|kv| kv.value() != id.as_bytes()) {
                 taken.push(port);
             }
@@ -166,8 +225,11 @@ impl EtcdStore {
     }
 
     async fn get_now(&self, id: &str) -> Result<Option<SessionRecord>, StoreError> {
-        let mut client = self.client.clone();
-        let found = bounded("read a session", client.get(session_key(id), None)).await?;
+        let found = retried("read a session", || {
+            let mut client = self.client.clone();
+            async move { client.get(session_key(id), None).await }
+        })
+        .await?;
         found.kvs().first().map(|kv| decode(kv.value())).transpose()
     }
 
@@ -178,16 +240,36 @@ impl EtcdStore {
         // Ports still reserved without a lease (a session removed without a revocation
         // written) start their cooldown now instead of staying taken for good.
         let lease = self.cooldown_lease().await?;
-        let mut ops = vec![
+        let ops = vec![
             TxnOp::delete(session_key(id), None),
             TxnOp::delete(join_key(&record.join_hash), None),
         ];
+        let txn = Txn::new().and_then(ops);
+        retried("remove a session", || {
+            let (mut client, txn) = (self.client.clone(), txn.clone());
+            async move { client.txn(txn).await }
+        })
+        .await?;
         for endpoint in &record.endpoints {
-            let keep = PutOptions::new().with_lease(lease);
-            ops.push(TxnOp::put(port_key(endpoint.port), id, Some(keep)));
+            // Only a port key still this session's: after its cooldown another session
+            // may hold the port.
+            let key = port_key(endpoint.port);
+            let txn = Txn::new()
+                .when([
+                    Compare::value(key.clone(), CompareOp::Equal, id),
+                    Compare::lease(key.clone(), CompareOp::Equal, 0),
+                ])
+                .and_then([TxnOp::put(
+                    key,
+                    id,
+                    Some(PutOptions::new().with_lease(lease)),
+                )]);
+            retried("cool a removed session's port", || {
+                let (mut client, txn) = (self.client.clone(), txn.clone());
+                async move { client.txn(txn).await }
+            })
+            .await?;
         }
-        let mut client = self.client.clone();
-        bounded("remove a session", client.txn(Txn::new().and_then(ops))).await?;
         self.cooled
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -196,12 +278,15 @@ impl EtcdStore {
     }
 
     async fn list_now(&self) -> Result<Vec<SessionRecord>, StoreError> {
-        let mut client = self.client.clone();
-        let options = GetOptions::new().with_prefix();
-        let found = bounded(
-            "list sessions",
-            client.get(format!("{PREFIX}sessions/"), Some(options)),
-        )
+        let found = retried("list sessions", || {
+            let mut client = self.client.clone();
+            let options = GetOptions::new().with_prefix();
+            async move {
+                client
+                    .get(format!("{PREFIX}sessions/"), Some(options))
+                    .await
+            }
+        })
         .await?;
         if let Some(header) = found.header() {
             self.listed_at.store(header.revision(), Ordering::Relaxed);
@@ -217,29 +302,15 @@ fn decode(bytes: &[u8]) -> Result<SessionRecord, StoreError> {
 
 impl SessionStore for EtcdStore {
     fn put(&self, record: SessionRecord) -> BoxFuture<'static, Result<(), StoreError>> {
-        let store = self.clone();
-        // The write's place in the order is taken now (the lock is queued fairly), so
-        // writes made under one session lock reach etcd in that order.
-        let turn = self.writes.clone().lock_owned();
-        async move {
-            let _turn = turn.await;
-            store.put_now(record).await
-        }
-        .boxed()
+        self.queue(Ok(record))
     }
 
     fn remove(&self, id: &str) -> BoxFuture<'static, Result<(), StoreError>> {
-        let (store, id) = (self.clone(), id.to_owned());
-        let turn = self.writes.clone().lock_owned();
-        async move {
-            let _turn = turn.await;
-            store.remove_now(&id).await
-        }
-        .boxed()
+        self.queue(Err(id.to_owned()))
     }
 
     fn get(&self, id: &str) -> BoxFuture<'static, Result<Option<SessionRecord>, StoreError>> {
-        let (store, id) = (self.clone(), id.to_owned());
+        let (store, id) = (self.inner.clone(), id.to_owned());
         async move { store.get_now(&id).await }.boxed()
     }
 
@@ -247,10 +318,13 @@ impl SessionStore for EtcdStore {
         &self,
         join_hash: &str,
     ) -> BoxFuture<'static, Result<Option<SessionRecord>, StoreError>> {
-        let (store, key) = (self.clone(), join_key(join_hash));
+        let (store, key) = (self.inner.clone(), join_key(join_hash));
         async move {
-            let mut client = store.client.clone();
-            let found = bounded("read the join index", client.get(key, None)).await?;
+            let found = retried("read the join index", || {
+                let (mut client, key) = (store.client.clone(), key.clone());
+                async move { client.get(key, None).await }
+            })
+            .await?;
             let Some(kv) = found.kvs().first() else {
                 return Ok(None);
             };
@@ -261,22 +335,22 @@ impl SessionStore for EtcdStore {
     }
 
     fn list(&self) -> BoxFuture<'static, Result<Vec<SessionRecord>, StoreError>> {
-        let store = self.clone();
+        let store = self.inner.clone();
         async move { store.list_now().await }.boxed()
     }
 
     fn changes(&self) -> BoxStream<'static, StoreChange> {
         let (tx, mut rx) = mpsc::channel(1024);
-        let store = self.clone();
+        let store = self.inner.clone();
         tokio::spawn(async move { store.follow(tx).await });
         futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed()
     }
 }
 
-impl EtcdStore {
+impl Inner {
     /// Delivers the changes to `sessions/` from the latest listed revision until `tx`
     /// closes; after a compaction, re-reads every record ([`StoreChange::Reloaded`]).
-    async fn follow(self, tx: mpsc::Sender<StoreChange>) {
+    async fn follow(self: Arc<Self>, tx: mpsc::Sender<StoreChange>) {
         let prefix = format!("{PREFIX}sessions/");
         loop {
             let from = self.listed_at.load(Ordering::Relaxed) + 1;

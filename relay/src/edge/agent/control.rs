@@ -83,11 +83,13 @@ pub async fn run(relay: Arc<Relay>, mut framed: AgentFramed, hello: Hello, peer:
 
 /// Screens the `hello` and joins or resumes its session; also returns the agent's version.
 async fn register(
-    relay: &Relay,
+    relay: &Arc<Relay>,
     hello: Hello,
     ip: IpAddr,
 ) -> Result<(Registration, String), Refusal> {
     let (auth, offer, agent_version) = screen(hello, ip)?;
+    // In a cluster the agent may reach this node before the session's record does.
+    relay.load_if_unknown(&auth).await;
     let reg = match &auth {
         HelloAuth::Join { token } => relay.join(token, &offer).await?,
         HelloAuth::Resume { session_id, secret } => {
