@@ -34,6 +34,12 @@ pub fn get_json(
     parse_response(&raw)
 }
 
+/// `DELETE path` with a bearer token; returns the status.
+pub fn delete(addr: SocketAddr, path: &str, bearer: &str) -> anyhow::Result<u16> {
+    let raw = request(addr, "DELETE", path, Some(bearer), None, TIMEOUT)?;
+    Ok(split_response(&raw)?.0)
+}
+
 /// `GET path` without a token; returns the status and the body as text (`/metrics`).
 pub fn get_text(addr: SocketAddr, path: &str, timeout: Duration) -> anyhow::Result<(u16, String)> {
     let raw = request(addr, "GET", path, None, None, timeout)?;

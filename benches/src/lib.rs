@@ -21,6 +21,7 @@
 //! - [`svg`]: the bar chart.
 
 pub mod bulk;
+pub mod cluster;
 pub mod http;
 pub mod latency;
 pub mod peers;

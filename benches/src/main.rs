@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
+use porthole_bench::cluster::{self, ClusterArgs};
 use porthole_bench::procfs::{raise_nofile, Machine};
 use porthole_bench::report::{self, Report};
 use porthole_bench::restart::{self, RestartArgs, RestartReport, RestartSetup};
@@ -74,6 +75,10 @@ enum Mode {
     /// How long after a relay restart (graceful SIGTERM and crash SIGKILL, interleaved) until
     /// N live sessions, whose agents all resume, are active again.
     Restart(RestartArgs),
+    /// Cluster mode: creates per second through one node and three, DELETE → closed on every
+    /// node, throughput through the owner and another node, failover after `kill -9` of the
+    /// owner (release binaries built with `--features cluster`, and `etcd` on PATH).
+    Cluster(ClusterArgs),
 }
 
 fn workspace_root() -> PathBuf {
@@ -212,6 +217,38 @@ fn run_restart(cli: &Cli, args: &RestartArgs, root: &Path, exe_dir: PathBuf) -> 
     }
 }
 
+/// `porthole-bench cluster`: the binaries from --bin-dir (the exe's directory without it,
+/// never built here: they need `--features cluster`), rounds to stderr, the JSON with --json.
+fn run_cluster(cli: &Cli, args: &ClusterArgs, root: &Path, exe_dir: PathBuf) -> anyhow::Result<()> {
+    let bin_dir = cli.bin_dir.clone().unwrap_or(exe_dir);
+    let work = cli
+        .work_dir
+        .clone()
+        .unwrap_or_else(|| root.join("target/bench-work"))
+        .join("cluster");
+    eprintln!(
+        "== cluster: binaries from {} ({}); logs in {}",
+        bin_dir.display(),
+        revision(&bin_dir),
+        work.display()
+    );
+    let rounds = cluster::run(args, &bin_dir, &work)?;
+    let report = serde_json::json!({
+        "machine": Machine::detect(),
+        "revision": revision(root),
+        "binaries_revision": revision(&bin_dir),
+        "command": command_line(),
+        "rounds": rounds,
+    });
+    let text = serde_json::to_string_pretty(&report)?;
+    match &cli.json {
+        Some(path) => std::fs::write(path, text + "\n")
+            .with_context(|| format!("writing {}", path.display()))?,
+        None => println!("{text}"),
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let root = workspace_root();
@@ -221,6 +258,9 @@ fn main() -> anyhow::Result<()> {
         .context("locating this binary's directory")?;
     if let Some(Mode::Restart(args)) = &cli.mode {
         return run_restart(&cli, args, &root, exe_dir);
+    }
+    if let Some(Mode::Cluster(args)) = &cli.mode {
+        return run_cluster(&cli, args, &root, exe_dir);
     }
     let bin_dir = cli.bin_dir.clone().unwrap_or(exe_dir);
     if !cli.no_build {
