@@ -127,6 +127,7 @@ impl Cluster {
         }
         for i in 0..3 {
             if i > 0 {
+                std::fs::create_dir_all(work.join(format!("n{}", i + 1)))?;
                 for f in ["admin.token", "user-token.secret", "cluster.secret", "tls"] {
                     let status = Command::new("cp")
                         .arg("-a")
