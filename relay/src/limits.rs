@@ -81,3 +81,7 @@ pub const ETCD_RETRY_MIN: Duration = Duration::from_millis(200);
 
 /// Longest wait between two attempts to re-establish a watch or a lease.
 pub const ETCD_RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// Shortest port cooldown of a cluster node's own pool: etcd's leases (which hold a revoked
+/// session's ports cluster-wide) count whole seconds, with a minimum of about 2 s.
+pub const CLUSTER_MIN_PORT_COOLDOWN: Duration = Duration::from_secs(3);

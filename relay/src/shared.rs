@@ -101,7 +101,17 @@ impl Relay {
         store: Arc<dyn SessionStore>,
         tls: TlsFiles,
     ) -> Self {
-        let pool = PortPool::new(config.port_range, config.public_bind, config.port_cooldown);
+        // In a cluster, etcd keeps a revoked session's ports for the cooldown on a lease,
+        // which counts whole seconds and has a minimum: this node rests them at least as long,
+        // so it does not keep offering ports etcd still holds.
+        let cooldown = if config.cluster_mode() {
+            config
+                .port_cooldown
+                .max(crate::limits::CLUSTER_MIN_PORT_COOLDOWN)
+        } else {
+            config.port_cooldown
+        };
+        let pool = PortPool::new(config.port_range, config.public_bind, cooldown);
         Self {
             public_host: config.public_host(),
             config,

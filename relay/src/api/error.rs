@@ -84,6 +84,11 @@ impl From<RelayError> for ApiError {
                 code: "ports_exhausted",
                 message: e.to_string(),
             },
+            RelayError::Store(crate::store::StoreError::PortsTaken(_)) => Self {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                code: "ports_exhausted",
+                message: format!("{e}: every port tried is held or cooling elsewhere in the cluster; retry, or widen --port-range"),
+            },
             RelayError::Store(crate::store::StoreError::Unavailable(_)) => Self {
                 status: StatusCode::SERVICE_UNAVAILABLE,
                 code: "store_unavailable",

@@ -30,7 +30,10 @@ use porthole_protocol::secret::SecretHash;
 use porthole_protocol::time::to_unix_ms;
 
 /// How many port picks a create tries when other nodes of the cluster hold the picked ports.
-pub const CREATE_ATTEMPTS: usize = 8;
+pub const CREATE_ATTEMPTS: usize = 16;
+
+/// How long a port another node's session holds is set aside here, at least.
+const TAKEN_PORT_REST: Duration = Duration::from_secs(10);
 
 /// What the API asks for when it creates a session.
 #[derive(Clone, Debug)]
@@ -151,9 +154,12 @@ impl Relay {
                         self.pool.release_now(&taken);
                         return Err(e);
                     }
-                    // Held elsewhere in the cluster: not offered again for a cooldown (this
-                    // node binds them once it hears of the session that holds them).
-                    self.pool.release(&taken);
+                    // Held elsewhere in the cluster (or still cooling there: etcd counts a
+                    // cooldown in whole seconds, this node may count it shorter): not offered
+                    // again for a while; this node binds them once it hears of their session.
+                    self.pool.release_now(&taken);
+                    let rest = self.config.port_cooldown.max(TAKEN_PORT_REST);
+                    self.pool.cool(&taken, std::time::Instant::now() + rest);
                     attempt += 1;
                 }
             }
