@@ -46,6 +46,13 @@ for prog in "${!APT_FOR[@]}"; do
   fi
 done
 
+# protoc's well-known types (google/protobuf/*.proto), which etcd-client's protos import:
+# protobuf-compiler only recommends the package that has them.
+if [ ! -f /usr/include/google/protobuf/descriptor.proto ]; then
+  echo "missing: /usr/include/google/protobuf/descriptor.proto (Debian package libprotobuf-dev)"
+  missing_pkgs+=(libprotobuf-dev)
+fi
+
 # The VNC client the tests drive, pinned (the version the suite was last run with).
 VNCDOTOOL=vncdotool==1.4.2
 

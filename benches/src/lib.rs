@@ -17,11 +17,15 @@
 //! - [`report`]: metrics, text tables, ratios, the JSON document.
 //! - [`restart`]: the `restart` mode: time until N live sessions are active again after a
 //!   relay restart (graceful and crash).
+//! - [`cluster`]: the `cluster` mode: three relay nodes on one etcd (creates per second,
+//!   DELETE → closed everywhere, throughput through the owner and another node, failover).
+//! - [`cluster_report`]: the `cluster` mode's markdown table, from the recorded rounds.
 //! - [`sources`]: loopback forwarders that give each agent its own source address.
 //! - [`svg`]: the bar chart.
 
 pub mod bulk;
 pub mod cluster;
+pub mod cluster_report;
 pub mod http;
 pub mod latency;
 pub mod peers;

@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
 use porthole_bench::cluster::{self, ClusterArgs};
+use porthole_bench::cluster_report;
 use porthole_bench::procfs::{raise_nofile, Machine};
 use porthole_bench::report::{self, Report};
 use porthole_bench::restart::{self, RestartArgs, RestartReport, RestartSetup};
@@ -218,7 +219,8 @@ fn run_restart(cli: &Cli, args: &RestartArgs, root: &Path, exe_dir: PathBuf) -> 
 }
 
 /// `porthole-bench cluster`: the binaries from --bin-dir (the exe's directory without it,
-/// never built here: they need `--features cluster`), rounds to stderr, the JSON with --json.
+/// never built here: they need `--features cluster`), rounds to stderr, the JSON with --json
+/// (else to stdout), then the markdown table to stdout.
 fn run_cluster(cli: &Cli, args: &ClusterArgs, root: &Path, exe_dir: PathBuf) -> anyhow::Result<()> {
     let bin_dir = cli.bin_dir.clone().unwrap_or(exe_dir);
     let work = cli
@@ -246,6 +248,7 @@ fn run_cluster(cli: &Cli, args: &ClusterArgs, root: &Path, exe_dir: PathBuf) -> 
             .with_context(|| format!("writing {}", path.display()))?,
         None => println!("{text}"),
     }
+    print!("{}", cluster_report::markdown(&rounds));
     Ok(())
 }
 

@@ -26,7 +26,7 @@ impl RelayConfig {
                 "etcd_endpoints",
                 "this porthole-relay was built without cluster support: build it with \
                  `cargo build --release -p porthole-relay --features cluster` (needs `protoc`, \
-                 Debian package protobuf-compiler), or leave etcd_endpoints out to run one node",
+                 Debian packages protobuf-compiler and libprotobuf-dev), or leave etcd_endpoints out to run one node",
             ));
         }
         for endpoint in &self.etcd_endpoints {
