@@ -21,7 +21,7 @@ use serde_json::json;
 
 use crate::bulk;
 use crate::http::{delete, post_json};
-use crate::porthole::{binary, parse_banner};
+use crate::porthole::{binary, parse_banner, RATE_BURST, RATE_PER_MINUTE};
 use crate::stats::{gbit_per_sec, summarize, Percentiles};
 use crate::target::Target;
 use crate::tunnel::{echo_probe, free_port, Proc, Role};
@@ -163,6 +163,10 @@ impl Cluster {
             ])
             .args(["--port-range", &self.range, "--port-cooldown", "0s"])
             .args(["--max-visitors", "64", "--audit-log", "-"])
+            // One source address probes in a tight loop: a throttled probe would time the
+            // rate limiter, not the failover.
+            .args(["--visitor-rate-burst", RATE_BURST])
+            .args(["--visitor-rate-per-minute", RATE_PER_MINUTE])
             .args(["--etcd-endpoints", &self.etcd_url])
             .args(["--node-name", &format!("n{}", i + 1)])
             .args(["--node-lease-ttl", &self.lease_ttl])
