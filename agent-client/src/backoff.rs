@@ -8,6 +8,12 @@ use rand::Rng;
 pub const INITIAL: Duration = Duration::from_millis(250);
 /// Largest retry delay.
 pub const MAX: Duration = Duration::from_secs(30);
+/// Largest delay after a `session_busy` refusal. Another link still holds the session: a
+/// dead one the relay drops after three missed heartbeats, or in a cluster a dead node whose
+/// lease has not run out yet (`--node-lease-ttl`). Either frees the session at a moment the
+/// agent cannot know, so it keeps asking about once a second instead of backing off for up
+/// to 30 s (one TLS handshake a second per waiting agent, refused cheaply).
+pub const BUSY_MAX: Duration = Duration::from_secs(1);
 /// A link that stayed up this long resets the backoff.
 pub const HEALTHY_AFTER: Duration = Duration::from_secs(60);
 
@@ -27,6 +33,18 @@ impl Backoff {
             .min(MAX);
         self.attempt = self.attempt.saturating_add(1);
         let half = ceiling / 2;
+        half + rand::thread_rng().gen_range(Duration::ZERO..=half)
+    }
+
+    /// The delay after a `session_busy` refusal: [`Backoff::next_delay`] while that is at
+    /// most [`BUSY_MAX`], then random in [BUSY_MAX/2, BUSY_MAX] (still jittered, so agents
+    /// of a dead node do not all ask at the same instant).
+    pub fn busy_delay(&mut self) -> Duration {
+        let delay = self.next_delay();
+        if delay <= BUSY_MAX {
+            return delay;
+        }
+        let half = BUSY_MAX / 2;
         half + rand::thread_rng().gen_range(Duration::ZERO..=half)
     }
 
@@ -51,5 +69,27 @@ mod tests {
         assert!(b.next_delay() >= MAX / 2);
         b.reset();
         assert!(b.next_delay() <= INITIAL);
+    }
+
+    #[test]
+    fn a_busy_session_is_asked_about_again_within_a_second_with_jitter() {
+        let mut b = Backoff::default();
+        let first = b.busy_delay();
+        assert!(first >= INITIAL / 2 && first <= INITIAL, "{first:?}");
+        // Growing as usual while the ceiling is at most a second (0.5 s, 1 s), then capped.
+        for _ in 0..2 {
+            assert!(b.busy_delay() <= BUSY_MAX);
+        }
+        let later: Vec<Duration> = (0..200).map(|_| b.busy_delay()).collect();
+        assert!(
+            later.iter().all(|d| *d >= BUSY_MAX / 2 && *d <= BUSY_MAX),
+            "{later:?}"
+        );
+        assert!(
+            later.iter().any(|d| *d != later[0]),
+            "the delays are jittered: {later:?}"
+        );
+        // Other failures after busy refusals still back off in full.
+        assert!(b.next_delay() >= MAX / 2);
     }
 }

@@ -224,7 +224,18 @@ pub async fn run_with(
             }
             Err(e) => break Err(e),
         };
-        let delay = backoff.next_delay();
+        let busy = matches!(
+            error,
+            AgentError::Refused {
+                code: porthole_protocol::ErrorCode::SessionBusy,
+                ..
+            }
+        );
+        let delay = if busy {
+            backoff.busy_delay()
+        } else {
+            backoff.next_delay()
+        };
         ctx.status.update(|s| {
             if s.state != State::Connecting {
                 s.state = State::Reconnecting;
