@@ -49,6 +49,11 @@ pub struct AgentConfig {
     /// (the agent's own PORTHOLE_* variables are never passed on).
     #[arg(long, env = "PORTHOLE_SSH_ENV_CLEAR")]
     pub ssh_env_clear: bool,
+    /// Embedded SSH: close a connection that has not logged in this long after connecting
+    /// (at least 1s, at most 10m).
+    #[arg(long, env = "PORTHOLE_SSH_LOGIN_TIMEOUT", default_value = "2m",
+          value_parser = parse_login_timeout)]
+    pub ssh_login_timeout: Duration,
     /// Trust relay certificates issued by the CA(s) in this PEM file.
     #[arg(long, env = "PORTHOLE_CA_CERT", conflicts_with = "pin_sha256")]
     pub ca_cert: Option<PathBuf>,
@@ -116,6 +121,11 @@ fn parse_warm_idle(s: &str) -> Result<Duration, String> {
         return Err(format!("`{s}`: at least 1s"));
     }
     Ok(d)
+}
+
+fn parse_login_timeout(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("`{s}`: {e}"))?;
+    crate::embedded_ssh::settings::check_login_timeout(d).map_err(|e| format!("`{s}`: {e}"))
 }
 
 fn parse_env_var(s: &str) -> Result<(String, String), String> {

@@ -48,6 +48,7 @@ pub fn gather(
             shell: config.ssh_shell.clone(),
             env_clear: config.ssh_env_clear,
             env: config.ssh_env.clone(),
+            login_timeout: config.ssh_login_timeout,
         })?;
         credentials.push(Credential {
             service: Service::Ssh,

@@ -38,9 +38,18 @@ fn cut_link_resumes_on_the_same_port() -> anyhow::Result<()> {
     )?;
     assert_eq!(again, b"after");
 
-    // Twice more: the resume secret rotates on every registration.
-    for _ in 0..2 {
+    // Twice more: the resume secret rotates on every registration, so each of these resumes
+    // proves the agent kept the secret the last one gave it. Each must be seen to happen (an
+    // audited `session_resumed`), not merely an `active` state that a look taken before the
+    // relay noticed the cut would also show.
+    for resumes in 2..=3 {
         proxy.cut();
+        relay.wait_audited(
+            "session_resumed",
+            &session.id,
+            resumes,
+            Duration::from_secs(30),
+        )?;
         relay.wait_state(&session.id, "active", Duration::from_secs(20))?;
         wait_for(
             "forwarding after another resume",
@@ -48,27 +57,62 @@ fn cut_link_resumes_on_the_same_port() -> anyhow::Result<()> {
             || echo::roundtrip(port, b"x").ok(),
         )?;
     }
+    let resumed = relay.audited("session_resumed", &session.id)?;
+    ensure!(resumed.len() == 3, "three cuts, three resumes: {resumed:?}");
     Ok(())
 }
 
 #[test]
-fn agent_killed_goes_disconnected_then_revoked_after_resume_window() -> anyhow::Result<()> {
-    let relay = TestRelay::start_with(|c| c.resume_window = Duration::from_secs(2))?;
+fn while_the_agent_is_away_its_port_stays_bound_and_visitors_get_nothing() -> anyhow::Result<()> {
+    // A resume window far longer than the test: nothing below races the clock; DELETE ends it.
+    let relay = TestRelay::start_with(|c| c.resume_window = Duration::from_secs(600))?;
     let Tunnel { session, agent, .. } = Tunnel::start(&relay)?;
     let port = session.port("ssh");
     assert_eq!(echo::roundtrip(port, b"hi")?, b"hi");
     drop(agent); // SIGKILL
     relay.wait_state(&session.id, "disconnected", Duration::from_secs(10))?;
-    // Disconnected: the port is still bound but visitors are closed without data.
-    ensure!(
-        echo::roundtrip(port, b"nobody home").is_err(),
-        "visitors must be refused while disconnected"
-    );
-    let view = relay.wait_state(&session.id, "revoked", Duration::from_secs(10))?;
+    // The port is still bound (a closed port would fail here, not pass): the connection is
+    // accepted, then closed without a byte.
+    let mut visitor = std::net::TcpStream::connect(("127.0.0.1", port))
+        .context("the port of a disconnected session must stay bound for the agent's return")?;
+    std::io::Write::write_all(&mut visitor, echo::SSH_HELLO)?;
+    echo::closed_without_data(&mut visitor)
+        .context("a visitor of a disconnected session must get nothing")?;
+    assert_eq!(relay.state(&session.id)?, "disconnected");
+    let view = relay.delete(&session.id)?;
+    assert_eq!(view["revoke_reason"], "deleted");
+    wait_for("the public port to close", Duration::from_secs(5), || {
+        port_refuses(port).then_some(())
+    })?;
+    Ok(())
+}
+
+#[test]
+fn an_agent_that_never_returns_loses_its_session_when_the_resume_window_ends() -> anyhow::Result<()>
+{
+    // Nothing has to happen inside the window: the test looks only after it, so a slow
+    // machine cannot lose it.
+    let window = Duration::from_secs(1);
+    let relay = TestRelay::start_with(|c| c.resume_window = window)?;
+    let Tunnel { session, agent, .. } = Tunnel::start(&relay)?;
+    let port = session.port("ssh");
+    assert_eq!(echo::roundtrip(port, b"hi")?, b"hi");
+    let killed_at = std::time::SystemTime::now();
+    drop(agent); // SIGKILL
+    let view = relay.wait_state(&session.id, "revoked", Duration::from_secs(30))?;
     assert_eq!(view["revoke_reason"], "agent_lost");
     wait_for("the public port to close", Duration::from_secs(5), || {
         port_refuses(port).then_some(())
     })?;
+    // Not before the window ended (the audit clock has millisecond resolution).
+    let revoked = relay.audited("session_revoked", &session.id)?;
+    ensure!(revoked.len() == 1, "one revocation: {revoked:?}");
+    let at = common::time_of(&revoked[0], "ts")?;
+    ensure!(
+        at + Duration::from_millis(1) >= killed_at + window,
+        "revoked {:?} after the kill, inside the {window:?} resume window",
+        at.duration_since(killed_at).unwrap_or_default()
+    );
     Ok(())
 }
 

@@ -13,6 +13,7 @@ use common::peers::sshd::Sshd;
 use common::peers::tools::{run_with_input, run_with_timeout};
 use common::peers::{sha256_file, write_random_file};
 use common::relay::TestRelay;
+use common::wait_for;
 use sha2::{Digest, Sha256};
 
 const BIG: usize = 64 * 1024 * 1024;
@@ -193,5 +194,17 @@ fn ssh_over_the_tcp_data_plane_with_splice() -> anyhow::Result<()> {
         0,
         "pipes were available: every connection spliced"
     );
+    // And splice moved the bytes: the 16 MiB each way went through the relay's pipes (each
+    // connection is counted when it ends, just after its `ssh` exits).
+    let spliced = wait_for(
+        "the relay to count 32 MiB moved by splice(2)",
+        Duration::from_secs(20),
+        || {
+            let n = metrics.spliced_bytes.get();
+            (n >= 32 << 20).then_some(n)
+        },
+    )
+    .with_context(|| format!("spliced bytes: {}", metrics.spliced_bytes.get()))?;
+    println!("relay spliced {spliced} bytes");
     Ok(())
 }

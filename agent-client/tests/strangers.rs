@@ -182,3 +182,71 @@ fn a_stranger_that_never_logs_in_cannot_hold_a_finished_session() -> anyhow::Res
     wait_cut(&mut stranger, Duration::from_secs(10)).context("the stranger must be cut")?;
     Ok(())
 }
+
+/// Relay-wide, at most 4096 visitors may be in their protocol's opening at once (32 per
+/// source: 128 sources here): the 4097th is closed without data and audited
+/// `too_many_pending`; when one of them goes, a newcomer gets in and reaches the agent.
+#[test]
+fn the_relay_holds_at_most_4096_visitors_in_their_opening() -> anyhow::Result<()> {
+    const CAP: usize = 4096;
+    // Both ends of every connection live in this process (the relay is in-process).
+    let limit = common::raise_nofile(None, 3 * CAP as u64)?;
+    ensure!(
+        limit >= 2 * CAP as u64 + 512,
+        "the open-file limit {limit} is too low for {CAP} connections with both ends here"
+    );
+    // A handshake timeout longer than the test: the held visitors stay pending until dropped.
+    // The per-source rate limit (10 at once by default) raised: this is about the pending cap.
+    let relay = TestRelay::start_with(|c| {
+        c.visitor_handshake_timeout = Duration::from_secs(600);
+        c.visitor_rate_burst = 64;
+    })?;
+    let tunnel = Tunnel::start(&relay)?;
+    let accepted = tunnel.accepted()?;
+    let port = tunnel.port("ssh");
+    let pending = relay.handle.relay.pending_visitors.clone();
+    let mut held = Vec::with_capacity(CAP);
+    for i in 0..CAP {
+        // 127.1.S.1, 32 connections per source.
+        let source = ip(127, 1, (i / 32) as u8, 1);
+        held.push(
+            relay
+                .connect_silent_from(source, port)
+                .with_context(|| format!("silent visitor {i} from {source}"))?,
+        );
+    }
+    wait_for(
+        "the relay to hold every silent visitor as pending",
+        Duration::from_secs(60),
+        || (pending.available_permits() == 0).then_some(()),
+    )?;
+    let before = accepted.get();
+    let mut over = relay.connect_from(ip(127, 2, 0, 1), port)?;
+    closed_without_data(&mut over).context("visitor 4097 (a fresh source)")?;
+    ensure!(
+        accepted.get() == before,
+        "the refused visitor must not reach the service"
+    );
+    let lines = relay.audit_lines()?;
+    ensure!(
+        lines
+            .iter()
+            .any(|l| l["reason"] == "too_many_pending" && l["source_ip"] == "127.2.0.1"),
+        "no too_many_pending refusal for 127.2.0.1:\n{}",
+        relay.audit_log()?
+    );
+    // One leaves: a newcomer gets its slot and reaches the agent.
+    drop(held.pop());
+    wait_for("a freed pending slot", Duration::from_secs(10), || {
+        (pending.available_permits() > 0).then_some(())
+    })?;
+    let mut newcomer = relay.connect_from(ip(127, 2, 0, 2), port)?;
+    echo_on(&mut newcomer, b"got in\n").context("a visitor after one pending one left")?;
+    drop(held);
+    wait_for(
+        "every pending slot to free",
+        Duration::from_secs(30),
+        || (pending.available_permits() == CAP).then_some(()),
+    )?;
+    Ok(())
+}

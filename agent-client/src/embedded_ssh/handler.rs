@@ -11,7 +11,7 @@ use tokio::sync::Semaphore;
 
 use super::process::Request;
 use super::report::LoginReport;
-use super::{forward, session, sftp, Shared};
+use super::{forward, session, sftp, Shared, AUTH_REJECTION_TIME, MAX_AUTH_TRIES};
 
 /// Session channels (shells, commands, SFTP) one connection may hold open, as OpenSSH's
 /// default `MaxSessions`.
@@ -30,6 +30,9 @@ pub struct Connection {
     forwards: Arc<Semaphore>,
     /// Sent at the first successful login, if the relay takes such reports.
     login: Option<LoginReport>,
+    /// Failed password and key logins so far. Keys declined when offered do not count: a
+    /// client may offer several before its password.
+    failures: usize,
 }
 
 impl Connection {
@@ -39,6 +42,7 @@ impl Connection {
             shared,
             methods,
             login,
+            failures: 0,
             env: HashMap::new(),
             sessions: Arc::new(Semaphore::new(MAX_SESSIONS)),
             forwards: Arc::new(Semaphore::new(MAX_FORWARDS)),
@@ -53,6 +57,23 @@ impl Connection {
             partial_success: false,
         }
     }
+
+    /// Counts a failed login. Before the [`MAX_AUTH_TRIES`]-th it is answered with every
+    /// method still on offer; the last one is not answered: the connection is closed after
+    /// the same delay as any refusal. So, as with sshd's `MaxAuthTries`, the last try is a
+    /// real one and no prompt follows it (OpenSSH prompts again on any answer before it
+    /// reads a disconnect, even on one that lists no method: it then falls back to its own).
+    async fn failed(&mut self) -> Result<Auth, russh::Error> {
+        self.failures += 1;
+        if self.failures < MAX_AUTH_TRIES {
+            return Ok(self.reject());
+        }
+        tokio::time::sleep(AUTH_REJECTION_TIME).await;
+        self.shared.auth_exhausted.cancel();
+        // The connection's `serve` closes it, then cancels this.
+        self.shared.cancel.cancelled().await;
+        Err(russh::Error::Disconnect)
+    }
 }
 
 impl russh::server::Handler for Connection {
@@ -64,7 +85,7 @@ impl russh::server::Handler for Connection {
             return Ok(Auth::Accept);
         }
         tracing::info!(user, "embedded ssh: wrong user or password");
-        Ok(self.reject())
+        self.failed().await
     }
 
     async fn auth_publickey_offered(
@@ -88,7 +109,7 @@ impl russh::server::Handler for Connection {
             tracing::info!(user, %fingerprint, "embedded ssh: key login");
             return Ok(Auth::Accept);
         }
-        Ok(self.reject())
+        self.failed().await
     }
 
     async fn auth_succeeded(&mut self, _session: &mut Session) -> Result<(), Self::Error> {

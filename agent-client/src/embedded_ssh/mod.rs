@@ -4,7 +4,7 @@
 //!
 //! # Layout
 //! - [`settings`]: one-time password, authorized keys, per-session host key, shell,
-//!   working directory and environment.
+//!   working directory, environment and login timeout.
 //! - [`handler`]: one connection's authentication and channel bookkeeping.
 //! - [`session`]: a session channel's requests (pty, env, window size) until it starts.
 //! - [`process`]: starting a shell or command on a pty or pipes; hanging it up.
@@ -43,12 +43,13 @@ pub use settings::{Options, Settings};
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 /// Unanswered keepalives before the connection is dropped.
 const KEEPALIVE_MAX: usize = 4;
-/// Time from connecting to a finished login.
-const LOGIN_GRACE: Duration = Duration::from_secs(120);
 /// How long a closing connection's disconnect message may take.
 const DISCONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// Failed authentication attempts per connection (OpenSSH's `MaxAuthTries`).
-const MAX_AUTH_TRIES: usize = 6;
+/// How long every refused login takes, whatever was wrong.
+pub const AUTH_REJECTION_TIME: Duration = Duration::from_secs(1);
+/// Failed authentication attempts per connection (OpenSSH's `MaxAuthTries`): the last one
+/// closes the connection.
+pub const MAX_AUTH_TRIES: usize = 6;
 
 /// What a connection's tasks share.
 #[derive(Debug)]
@@ -61,6 +62,9 @@ pub struct Shared {
     pub cancel: CancellationToken,
     /// Cancelled once the client logged in.
     pub logged_in: CancellationToken,
+    /// Cancelled once the client failed to log in [`MAX_AUTH_TRIES`] times: the connection
+    /// is closed.
+    pub auth_exhausted: CancellationToken,
 }
 
 /// The embedded SSH server of this agent run.
@@ -91,11 +95,14 @@ impl EmbeddedSsh {
                 env!("CARGO_PKG_VERSION")
             ))),
             methods,
-            auth_rejection_time: Duration::from_secs(1),
+            auth_rejection_time: AUTH_REJECTION_TIME,
             // OpenSSH clients open with a "none" attempt to learn the methods.
             auth_rejection_time_initial: Some(Duration::ZERO),
             keys: vec![settings.host_key.clone()],
-            max_auth_attempts: MAX_AUTH_TRIES,
+            // A backstop only: the handler counts failures itself and closes the connection
+            // at the last one. russh counts the client's opening "none" attempt too (sshd
+            // does not) and refuses only the attempt after its limit.
+            max_auth_attempts: MAX_AUTH_TRIES + 1,
             // A developer's shell may sit idle for as long as the session lasts; keepalives
             // find dead clients instead.
             inactivity_timeout: None,
@@ -126,6 +133,7 @@ impl EmbeddedSsh {
             tasks: tasks.clone(),
             cancel: cancel.child_token(),
             logged_in: CancellationToken::new(),
+            auth_exhausted: CancellationToken::new(),
         });
         let handler = handler::Connection::new(shared.clone(), self.config.methods.clone(), login);
         // Whatever happens below, the connection ends with this function.
@@ -133,7 +141,7 @@ impl EmbeddedSsh {
         let _cut_at_end = cut.clone().drop_guard();
         let stream = cut::Cut::new(stream, cut.clone());
         let login_deadline = async {
-            tokio::time::sleep(LOGIN_GRACE).await;
+            tokio::time::sleep(shared.settings.login_timeout).await;
             if shared.logged_in.is_cancelled() {
                 std::future::pending::<()>().await;
             }
@@ -163,15 +171,21 @@ impl EmbeddedSsh {
                 }
                 None
             }
-            () = &mut login_deadline => Some("no login in time"),
-            () = cancel.cancelled() => Some("the remote access session ended"),
+            () = &mut login_deadline => Some((true, "no login in time")),
+            // The session task waits in the handler, which answers the last failed login
+            // with this: no disconnect message can get out first, the connection is cut.
+            () = shared.auth_exhausted.cancelled() => Some((false, "too many authentication failures")),
+            () = cancel.cancelled() => Some((true, "the remote access session ended")),
         };
-        if let Some(why) = why {
+        if let Some((tell, why)) = why {
             tracing::info!("embedded ssh: closing a connection: {why}");
-            let bye = handle.disconnect(russh::Disconnect::ByApplication, why.into(), "en".into());
-            let _ = tokio::time::timeout(DISCONNECT_TIMEOUT, bye).await;
-            // Let the session task send it before its stream is cut.
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            if tell {
+                let bye =
+                    handle.disconnect(russh::Disconnect::ByApplication, why.into(), "en".into());
+                let _ = tokio::time::timeout(DISCONNECT_TIMEOUT, bye).await;
+                // Let the session task send it before its stream is cut.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
         }
         shared.cancel.cancel();
     }

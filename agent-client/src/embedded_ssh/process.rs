@@ -204,11 +204,10 @@ pub async fn hang_up(child: &mut Child, group: Pid, terminal: bool) -> Option<Ex
         _ => None,
     };
     // A shell passes SIGHUP on to its jobs and exits at once: the jobs get the rest of the
-    // grace period too (an editor saving its buffer) before SIGKILL.
-    if terminal {
-        while tokio::time::Instant::now() < deadline && !session_members(group).is_empty() {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+    // grace period too (an editor saving its buffer) before SIGKILL, with a terminal or
+    // without.
+    while tokio::time::Instant::now() < deadline && any_left(group, terminal) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     signal_group(group, Signal::SIGKILL);
     if terminal {
@@ -219,6 +218,16 @@ pub async fn hang_up(child: &mut Child, group: Pid, terminal: bool) -> Option<Ex
     match status {
         Some(status) => Some(status),
         None => child.wait().await.ok(),
+    }
+}
+
+/// Whether a process SIGKILL would reach is left: of the terminal's session, or else of
+/// the group (signal 0 finds any).
+fn any_left(group: Pid, terminal: bool) -> bool {
+    if terminal {
+        !session_members(group).is_empty()
+    } else {
+        killpg(group, None).is_ok()
     }
 }
 

@@ -4,6 +4,7 @@
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use porthole_protocol::Secret;
 use rand::distributions::{Alphanumeric, DistString};
@@ -22,8 +23,26 @@ const FALLBACK_SHELL: &str = "/bin/sh";
 /// `PATH` when the environment has none.
 const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 
+/// Time from connecting to a finished login, unless `--ssh-login-timeout` says otherwise.
+pub const DEFAULT_LOGIN_TIMEOUT: Duration = Duration::from_secs(120);
+/// The shortest `--ssh-login-timeout`.
+pub const MIN_LOGIN_TIMEOUT: Duration = Duration::from_secs(1);
+/// The longest `--ssh-login-timeout`.
+pub const MAX_LOGIN_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// `timeout` when it is a login timeout the server takes (1 s to 10 min); else why not.
+pub fn check_login_timeout(timeout: Duration) -> Result<Duration, String> {
+    if timeout < MIN_LOGIN_TIMEOUT {
+        return Err("at least 1s".into());
+    }
+    if timeout > MAX_LOGIN_TIMEOUT {
+        return Err("at most 10m".into());
+    }
+    Ok(timeout)
+}
+
 /// Options from the command line (see `porthole-agent --help`).
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Options {
     /// User name accepted at login.
     pub username: String,
@@ -37,6 +56,22 @@ pub struct Options {
     pub env_clear: bool,
     /// Extra `NAME=VALUE` variables.
     pub env: Vec<(String, String)>,
+    /// A connection that has not logged in this long after connecting is closed.
+    pub login_timeout: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            username: String::new(),
+            authorized_keys: None,
+            workdir: None,
+            shell: None,
+            env_clear: false,
+            env: Vec::new(),
+            login_timeout: DEFAULT_LOGIN_TIMEOUT,
+        }
+    }
 }
 
 /// The embedded server's settings, resolved once per agent run (one session).
@@ -53,6 +88,8 @@ pub struct Settings {
     pub workdir: PathBuf,
     /// Environment every process starts with.
     pub env: Vec<(OsString, OsString)>,
+    /// Time from connecting to a finished login.
+    pub login_timeout: Duration,
 }
 
 impl std::fmt::Debug for Settings {
@@ -62,6 +99,7 @@ impl std::fmt::Debug for Settings {
             .field("authorized_keys", &self.authorized_keys.len())
             .field("shell", &self.shell)
             .field("workdir", &self.workdir)
+            .field("login_timeout", &self.login_timeout)
             .finish_non_exhaustive()
     }
 }
@@ -73,6 +111,12 @@ impl Settings {
         // server (and `USER`/`LOGNAME` of its sessions) a name outside the rule.
         porthole_protocol::username::validate_username(&options.username)
             .map_err(|e| format!("embedded SSH user {:?} refused: {e}", options.username))?;
+        let login_timeout = check_login_timeout(options.login_timeout).map_err(|e| {
+            format!(
+                "--ssh-login-timeout {}: {e}",
+                humantime::format_duration(options.login_timeout)
+            )
+        })?;
         let authorized_keys = match &options.authorized_keys {
             Some(path) => read_authorized_keys(path)?,
             None => Vec::new(),
@@ -114,6 +158,7 @@ impl Settings {
             shell,
             workdir,
             env,
+            login_timeout,
         })
     }
 
@@ -251,6 +296,23 @@ mod tests {
             let err = Settings::generate(&options).err().unwrap_or_default();
             assert!(err.contains("POSIX-portable"), "{bad:?}: {err}");
         }
+    }
+
+    #[test]
+    fn login_timeouts_run_from_one_second_to_ten_minutes() {
+        assert!(check_login_timeout(Duration::from_millis(999)).is_err());
+        assert!(check_login_timeout(MIN_LOGIN_TIMEOUT).is_ok());
+        assert!(check_login_timeout(DEFAULT_LOGIN_TIMEOUT).is_ok());
+        assert!(check_login_timeout(MAX_LOGIN_TIMEOUT).is_ok());
+        assert!(check_login_timeout(MAX_LOGIN_TIMEOUT + Duration::from_secs(1)).is_err());
+        assert_eq!(Options::default().login_timeout, DEFAULT_LOGIN_TIMEOUT);
+        let options = Options {
+            username: "dev".into(),
+            login_timeout: Duration::ZERO,
+            ..Options::default()
+        };
+        let err = Settings::generate(&options).err().unwrap_or_default();
+        assert!(err.contains("--ssh-login-timeout 0s: at least 1s"), "{err}");
     }
 
     #[test]

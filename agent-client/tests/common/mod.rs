@@ -15,6 +15,7 @@ pub mod cluster;
 pub mod detached;
 pub mod echo;
 pub mod fixture;
+pub mod launch;
 pub mod peers;
 pub mod proxy;
 pub mod raw;
@@ -41,6 +42,15 @@ pub fn wait_for<T>(
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// The time in an RFC 3339 field (`ts` of an audit line, `deadline` of a session view).
+pub fn time_of(value: &serde_json::Value, field: &str) -> anyhow::Result<std::time::SystemTime> {
+    use anyhow::Context as _;
+    let text = value[field]
+        .as_str()
+        .with_context(|| format!("no `{field}` in {value}"))?;
+    humantime::parse_rfc3339(text).with_context(|| format!("`{field}` = {text}"))
 }
 
 /// Whether a TCP connection to 127.0.0.1:`port` is refused (nothing listens).

@@ -206,6 +206,35 @@ impl TestRelay {
         Ok(lines)
     }
 
+    /// The session's audit lines of kind `event`, in order.
+    pub fn audited(&self, event: &str, session_id: &str) -> anyhow::Result<Vec<Value>> {
+        Ok(self
+            .audit_lines()?
+            .into_iter()
+            .filter(|l| l["event"] == event && l["session_id"] == session_id)
+            .collect())
+    }
+
+    /// Waits until the session has at least `count` audit lines of kind `event`; returns them.
+    /// The order of events is checked through these lines, never by polling states.
+    pub fn wait_audited(
+        &self,
+        event: &str,
+        session_id: &str,
+        count: usize,
+        timeout: Duration,
+    ) -> anyhow::Result<Vec<Value>> {
+        super::wait_for(
+            &format!("{count} `{event}` audit lines for session {session_id}"),
+            timeout,
+            || {
+                self.audited(event, session_id)
+                    .ok()
+                    .filter(|lines| lines.len() >= count)
+            },
+        )
+    }
+
     /// Opens a TCP connection to 127.0.0.1:`port` from the local address `source` (any
     /// 127.0.0.0/8 address works on Linux loopback), as a blocking std stream, and sends an
     /// SSH client's identification line.

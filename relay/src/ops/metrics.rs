@@ -55,6 +55,9 @@ pub struct Metrics {
     /// `porthole_splice_fallbacks_total`: `tcp` data connections forwarded by copying because
     /// no pipe could be had.
     pub splice_fallbacks: IntCounter,
+    /// `porthole_spliced_bytes_total`: bytes of `tcp` data connections moved by splice(2),
+    /// both directions (the bytes written before forwarding starts are not counted).
+    pub spliced_bytes: IntCounter,
     /// `porthole_warm_connections`: agents' data connections parked, waiting for a visitor.
     pub warm_parked: IntGauge,
     /// `porthole_visitor_pairings_total{how="warm|cold"}`: visitors paired with a parked data
@@ -127,6 +130,11 @@ impl Metrics {
             "tcp data connections copied because no pipe could be had",
         )?;
         r.register(Box::new(splice_fallbacks.clone()))?;
+        let spliced_bytes = IntCounter::new(
+            "porthole_spliced_bytes_total",
+            "Bytes of tcp data connections moved by splice(2), both directions",
+        )?;
+        r.register(Box::new(spliced_bytes.clone()))?;
         let warm_parked = IntGauge::new(
             "porthole_warm_connections",
             "Agents' warm data connections waiting for a visitor",
@@ -183,6 +191,7 @@ impl Metrics {
             )?,
             sessions_created,
             splice_fallbacks,
+            spliced_bytes,
             warm_parked,
             pairings: counter_vec(
                 &r,

@@ -191,6 +191,32 @@ pub fn vncdo_capture(host: &str, port: u16, password: &str, out: &Path) -> anyho
     Ok(())
 }
 
+/// Runs `vncdo capture` with a password the server must refuse, and checks it was refused
+/// *as a wrong password*: vncdo exits non-zero and says `Authentication failure` (any other
+/// error, or no answer before the timeout, fails). Returns vncdo's stderr.
+pub fn vncdo_refused(host: &str, port: u16, password: &str, out: &Path) -> anyhow::Result<String> {
+    let vncdo = require("vncdo", "vncdotool")?;
+    let server = format!("{host}::{port}");
+    let done = tools::run_with_timeout(
+        Command::new(&vncdo)
+            .args(["-s", &server, "-p", password, "capture"])
+            .arg(out),
+        VNCDO_TIMEOUT,
+    )
+    .with_context(|| format!("vncdo capture from {server} with a wrong password"))?;
+    ensure!(
+        !done.status.success(),
+        "vncdo with a wrong password succeeded against {server}"
+    );
+    ensure!(
+        done.stderr.contains("Authentication failure"),
+        "vncdo with a wrong password failed, but not as a refused password ({})\n--- stderr ---\n{}",
+        done.status,
+        done.stderr
+    );
+    Ok(done.stderr)
+}
+
 /// Reads `(width, height)` from a PNG's IHDR chunk, after checking the PNG
 /// signature.
 pub fn png_size(path: &Path) -> anyhow::Result<(u32, u32)> {

@@ -223,8 +223,18 @@ async fn forward_data(
             let options = SpliceOptions::default();
             let (path, result) =
                 splice_forward_with(visitor, &mut agent, &data.prefix, cancel, options).await;
-            if path == SplicePath::Copy {
-                metrics.splice_fallbacks.inc();
+            match path {
+                SplicePath::Copy => metrics.splice_fallbacks.inc(),
+                SplicePath::Splice => {
+                    let stats = match &result {
+                        Ok(stats) => *stats,
+                        Err(e) => e.stats,
+                    };
+                    // The agent's prefix is written to the visitor with write(2) first.
+                    let moved =
+                        (stats.a_to_b + stats.b_to_a).saturating_sub(data.prefix.len() as u64);
+                    metrics.spliced_bytes.inc_by(moved);
+                }
             }
             result
         }
