@@ -743,8 +743,17 @@ fn an_etcd_outage_keeps_live_sessions_forwarding_and_writes_answer_503() -> anyh
         .arg("for i in $(seq 1 32); do echo tick $i; sleep 0.5; done")
         .stdout(std::process::Stdio::piped())
         .spawn()?;
-    let lines = std::io::BufReader::new(live.stdout.take().context("stdout")?);
-    let ticks = std::thread::spawn(move || lines.lines().map_while(Result::ok).collect::<Vec<_>>());
+    let mut lines = std::io::BufReader::new(live.stdout.take().context("stdout")?);
+    // Live means logged in and ticking before etcd goes (a login racing the stop is a new
+    // visitor, checked below once the outage is seen).
+    let mut first = String::new();
+    lines.read_line(&mut first)?;
+    ensure!(first == "tick 1\n", "the live ssh's first line: {first:?}");
+    let ticks = std::thread::spawn(move || {
+        let mut all = vec![first.trim_end().to_owned()];
+        all.extend(lines.lines().map_while(Result::ok));
+        all
+    });
 
     etcd.stop();
     let stopped = std::time::Instant::now();
