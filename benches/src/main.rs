@@ -69,6 +69,11 @@ struct Cli {
     /// Scratch directory for configs and logs [default: target/bench-work].
     #[arg(long, global = true)]
     work_dir: Option<PathBuf>,
+    /// Write --json even though the work tree has uncommitted changes (the revision is then
+    /// recorded with `+dirty`). Without it a run that writes JSON refuses a dirty tree:
+    /// published numbers come from a clean tree at the commit they name.
+    #[arg(long, global = true)]
+    allow_dirty: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -252,9 +257,23 @@ fn run_cluster(cli: &Cli, args: &ClusterArgs, root: &Path, exe_dir: PathBuf) -> 
     Ok(())
 }
 
+/// A run that writes JSON (numbers to publish) needs a clean tree, unless told otherwise.
+fn require_clean(cli: &Cli, root: &Path) -> anyhow::Result<()> {
+    let revision = revision(root);
+    if cli.json.is_some() && revision.ends_with("+dirty") && !cli.allow_dirty {
+        bail!(
+            "the work tree has uncommitted changes ({revision}): published numbers come from \
+             a clean tree at the commit they name; commit or stash them, or pass \
+             --allow-dirty (the JSON then records {revision})"
+        );
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let root = workspace_root();
+    require_clean(&cli, &root)?;
     let exe_dir = std::env::current_exe()?
         .parent()
         .map(Path::to_path_buf)
@@ -316,6 +335,11 @@ fn main() -> anyhow::Result<()> {
         revision: revision(&root),
         command: command_line(),
         options: opts.suite,
+        peers: if cli.peers {
+            porthole_bench::peers::PINNED.to_vec()
+        } else {
+            Vec::new()
+        },
         candidates,
         ratios,
     };

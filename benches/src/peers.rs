@@ -1,8 +1,11 @@
 //! The peers Porthole is compared with, installed from crates.io when missing and
 //! configured the same way as Porthole: one service, everything on loopback, the target
 //! server behind it.
-//! - rathole 0.5, TCP transport and TLS transport (PKCS#12 identity made with `openssl`);
-//! - bore (`bore server` + `bore local`), with a shared secret.
+//! - rathole 0.5.0, TCP transport and TLS transport (PKCS#12 identity made with `openssl`);
+//! - bore 0.6.0 (`bore server` + `bore local`), with a shared secret.
+//!
+//! Versions are pinned ([`PINNED`]): a binary that reports another version is reinstalled
+//! (with `--peers`) or refused, never measured.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -12,9 +15,34 @@ use anyhow::{bail, Context as _};
 
 use crate::tunnel::{free_port, wait_listening, wait_ready, Proc, Role, Tunnel};
 
-/// crates.io name, version requirement and installed binary of each peer.
-const RATHOLE: (&str, &str, &str) = ("rathole", "^0.5", "rathole");
-const BORE: (&str, &str, &str) = ("bore-cli", "*", "bore");
+/// A peer as installed from crates.io: crate, the exact version measured, binary.
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct Peer {
+    /// crates.io crate.
+    #[serde(rename = "crate")]
+    pub krate: &'static str,
+    /// The exact version installed (`cargo install --locked CRATE@VERSION`) and accepted.
+    pub version: &'static str,
+    /// The binary it installs.
+    #[serde(skip)]
+    pub bin: &'static str,
+}
+
+/// rathole, pinned.
+pub const RATHOLE: Peer = Peer {
+    krate: "rathole",
+    version: "0.5.0",
+    bin: "rathole",
+};
+/// bore, pinned.
+pub const BORE: Peer = Peer {
+    krate: "bore-cli",
+    version: "0.6.0",
+    bin: "bore",
+};
+/// Every peer, as recorded in the JSON of a run with `--peers`.
+pub const PINNED: [Peer; 2] = [RATHOLE, BORE];
+
 /// bore's control port; bore has no flag to change it.
 const BORE_CONTROL_PORT: u16 = 7835;
 /// The token/secret both sides of a peer share.
@@ -31,33 +59,59 @@ pub enum RatholeTransport {
     Tls,
 }
 
-/// Returns the peer binary `bin` under `root/bin`, installing crate `krate` there with
-/// `cargo install` when it is missing and `install` is set.
-fn ensure(
-    root: &Path,
-    (krate, version, bin): (&str, &str, &str),
-    install: bool,
-) -> anyhow::Result<PathBuf> {
+/// The version a peer's `--version` output names: its first word that starts with a digit
+/// (`rathole 0.5.0`, `bore-cli 0.6.0`).
+pub fn reported_version(output: &str) -> Option<&str> {
+    output
+        .split_whitespace()
+        .find(|w| w.starts_with(|c: char| c.is_ascii_digit()))
+}
+
+/// The version `bin --version` reports, if it runs.
+fn installed_version(bin: &Path) -> Option<String> {
+    let out = Command::new(bin).arg("--version").output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    reported_version(&text).map(str::to_owned)
+}
+
+/// Returns the peer's binary under `root/bin`, installing the pinned version there with
+/// `cargo install --locked` when it is missing, or present in another version, and `install`
+/// is set. A binary of another version is never measured.
+fn ensure(root: &Path, peer: Peer, install: bool) -> anyhow::Result<PathBuf> {
+    let Peer {
+        krate,
+        version,
+        bin,
+    } = peer;
     let path = root.join("bin").join(bin);
-    if path.is_file() {
-        return Ok(path);
-    }
-    if !install {
-        bail!(
-            "{} is not installed (pass --peers to install it)",
-            path.display()
-        );
+    let found = path.is_file().then(|| installed_version(&path));
+    match &found {
+        Some(Some(v)) if v.as_str() == version => return Ok(path),
+        _ if !install => {
+            let what = match found {
+                None => "is not installed".to_owned(),
+                Some(Some(v)) => format!("is version {v}, the benchmark pins {version}"),
+                Some(None) => "does not report its version".to_owned(),
+            };
+            bail!(
+                "{} {what} (pass --peers to install {krate} {version})",
+                path.display()
+            );
+        }
+        _ => {}
     }
     eprintln!(
-        "installing {krate}@{version} into {} (cargo install)…",
+        "installing {krate} {version} into {} (cargo install --locked)…",
         root.display()
     );
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let log = root.join(format!("install-{krate}.log"));
     std::fs::create_dir_all(root)?;
     let out = std::fs::File::create(&log)?;
+    // A version without an operator is exact for `cargo install`; --force replaces a binary
+    // of another version.
     let status = Command::new(cargo)
-        .args(["install", "--root"])
+        .args(["install", "--locked", "--force", "--root"])
         .arg(root)
         .arg(format!("{krate}@{version}"))
         .stdout(out.try_clone()?)
@@ -73,7 +127,13 @@ fn ensure(
             tail.into_iter().rev().collect::<Vec<_>>().join("\n")
         );
     }
-    Ok(path)
+    match installed_version(&path) {
+        Some(v) if v == version => Ok(path),
+        other => bail!(
+            "{} reports version {other:?} after installing {krate} {version}",
+            path.display()
+        ),
+    }
 }
 
 /// Starts a rathole server and client for `target` and waits until they carry an echo.
@@ -218,4 +278,17 @@ pub fn start_bore(
     };
     wait_ready(&mut tunnel)?;
     Ok(tunnel)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_version_is_the_first_word_starting_with_a_digit() {
+        assert_eq!(reported_version("rathole 0.5.0\n"), Some("0.5.0"));
+        assert_eq!(reported_version("bore-cli 0.6.0"), Some("0.6.0"));
+        assert_eq!(reported_version("usage: bore"), None);
+        assert_eq!(reported_version(""), None);
+    }
 }

@@ -192,6 +192,8 @@ pub struct Report {
     pub command: String,
     /// Suite settings.
     pub options: SuiteOptions,
+    /// The peers' crates and exact versions (empty without `--peers`).
+    pub peers: Vec<crate::peers::Peer>,
     /// Every candidate.
     pub candidates: Vec<CandidateResult>,
     /// Porthole candidates against every other candidate.
